@@ -1,0 +1,5 @@
+import sys
+
+from dsv32.cli import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""`dsv32 <command>`: one entry point; each command lives in the module that owns its concern.
+
+Commands are imported lazily so `dsv32 --help` stays fast and a missing optional dependency only
+affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module:function taking argv, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("dsv32.generate:main", "stream a completion from a model"),
+    "data": ("dsv32.data:cli_main", "prepare token shards from offline corpora or local text"),
+    "tokenizer": ("dsv32.tokenizer:cli_main", "train a small byte-level BPE with V3.2's special tokens"),
+    "train": ("dsv32.train.trainer:cli_main", "pre-train / continue-train / SFT a model"),
+    "plot": ("dsv32.train.plot:cli_main", "plot metrics.jsonl curves to PNG"),
+    "bench": ("dsv32.bench:cli_main", "benchmarks: cost (Fig. 3), train, serve"),
+    "eval": ("dsv32.evals:cli_main", "evaluations: ppl, passkey"),
+    "sparsify": ("dsv32.train.sparsify:cli_main", "convert a dense model to DSA (warm-up, sparse stage)"),
+    "serve": ("dsv32.server:cli_main", "OpenAI-compatible HTTP server"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: dsv32 <command> [options]", "", "commands:"]
+    for name, (_, help_) in COMMANDS.items():
+        lines.append(f"  {name:<10} {help_}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"dsv32: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target = COMMANDS[cmd][0]
+    mod_name, fn_name = target.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("dsv32"):
+            print(f"dsv32: command {cmd!r} is not available in this build ({e.name} missing)", file=sys.stderr)
+            return 2
+        raise
+    rc = getattr(mod, fn_name)(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
