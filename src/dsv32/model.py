@@ -57,32 +57,39 @@ class FP32LayerNorm(nn.LayerNorm):
 # ======================================================================================== RoPE (YaRN)
 
 
-def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies [R/2] with DeepSeek's YaRN blend (architecture.md §2.2).
+def yarn_correction_range(cfg: ModelConfig) -> tuple[float, float]:
+    """Pair indices (low, high) between which YaRN blends original and interpolated frequencies.
 
-    Pairs rotating faster than ``beta_fast`` turns over the original context keep their frequency, those slower
-    than ``beta_slow`` are divided by ``factor``, and the ones in between are blended linearly.
-    mscale is not applied here: it goes into the softmax scale only.
+    A pair keeps its frequency when it turns more than ``beta_fast`` times over the original context and is
+    fully interpolated below ``beta_slow`` turns. For V3.2 (R=64, base 1e4, 4096, 32/1): (10, 23).
     """
-    dim, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     y = cfg.yarn
-    if y is None:
-        return freqs
-    factor = float(y["factor"])
+    assert y is not None
+    dim, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
     orig = int(y["original_max_position_embeddings"])
-    beta_fast, beta_slow = float(y.get("beta_fast", 32)), float(y.get("beta_slow", 1))
 
     def correction_dim(num_rotations: float) -> float:
         return dim * math.log(orig / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
-    if low == high:
-        high += 0.001  # avoid a zero-width ramp
+    low = max(math.floor(correction_dim(float(y.get("beta_fast", 32)))), 0)
+    high = min(math.ceil(correction_dim(float(y.get("beta_slow", 1)))), dim - 1)
+    return float(low), float(high) if high != low else high + 0.001  # avoid a zero-width ramp
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies [R/2] with DeepSeek's YaRN blend (architecture.md §2.2).
+
+    Frequencies of pairs below ``low`` are kept, those above ``high`` are divided by ``factor``, and the ones
+    in between are blended linearly. mscale is not applied here: it goes into the softmax scale only.
+    """
+    dim, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if cfg.yarn is None:
+        return freqs
+    low, high = yarn_correction_range(cfg)
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     smooth = 1 - ramp
-    return freqs / factor * (1 - smooth) + freqs * smooth
+    return freqs / float(cfg.yarn["factor"]) * (1 - smooth) + freqs * smooth
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
