@@ -1,0 +1,109 @@
+"""`dsv32 generate`: stream a completion from any model following the model protocol (design.md).
+
+Prefill once into the model's cache, then decode one token at a time; text is streamed as soon as the
+decoded bytes form complete characters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+
+from dsv32.sampling import sample
+
+
+@torch.no_grad()
+def generate_ids(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_ids: tuple[int, ...] = (),
+    dense: bool = False,
+) -> Iterator[int]:
+    """Yield new token ids one by one (stops at ``stop_ids``, which are not yielded, or after max_new_tokens)."""
+    if not prompt_ids:
+        raise ValueError("generate: the prompt is empty (add a BOS token or some text)")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    extra = {"dense": True} if dense else {}
+    logits = model.forward(torch.tensor([prompt_ids], device=device), cache=cache, last_only=True, **extra)
+    for _ in range(max_new_tokens):
+        tok, _ = sample(logits[:, -1], temperature=temperature, top_p=top_p, top_k=top_k, generator=gen)
+        t = int(tok)
+        if t in stop_ids:
+            return
+        yield t
+        logits = model.forward(tok.view(1, 1), cache=cache, last_only=True, **extra)
+
+
+def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Incremental detokenisation: emit only text whose bytes are complete (no half UTF-8 characters)."""
+    out: list[int] = []
+    shown = ""
+    for t in ids:
+        out.append(t)
+        text = tokenizer.decode(out)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[len(shown) :]
+        shown = text
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dsv32 generate", description=__doc__)
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory or shipped model name")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dense", action="store_true", help="turn DSA off (dense MLA)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    p.add_argument("--num-layers", type=int, default=None, help="load only the first N layers (debugging)")
+    args = p.parse_args(argv)
+
+    from dsv32.checkpoint import load_model
+    from dsv32.tokenizer import load_tokenizer
+
+    model = load_model(args.model, num_layers=args.num_layers).eval()
+    tok = load_tokenizer(args.model)
+    ids = tok.encode(args.prompt, add_bos=not args.no_bos)
+    stops = tuple(i for i in (tok.eos_id,) if i is not None)
+    t0 = time.perf_counter()
+    n = 0
+    stream = generate_ids(
+        model,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop_ids=stops,
+        dense=args.dense,
+    )
+
+    def counted():
+        nonlocal n
+        for t in stream:
+            n += 1
+            yield t
+
+    for piece in stream_text(tok, counted()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    print(f"\n[{len(ids)} prompt tokens, {n} generated in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
