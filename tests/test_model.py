@@ -359,3 +359,17 @@ def test_ops_backend_forced_reference_matches_auto():
         finally:
             ops.set_backend(None)
     assert rel(auto, refd) < 1e-5
+
+
+def test_full_size_parameter_count_matches_the_release():
+    """Built on the meta device: 671B main model (incl. 0.85B indexers) + 11.6B MTP; HF lists 685B because the
+    MTP layer stores its own copies of the embedding and head (2 x 129280 x 7168)."""
+    with torch.device("meta"):
+        m = Transformer(ModelConfig.from_name("deepseek-v3.2"))
+    total = m.num_params()
+    mtp = sum(p.numel() for p in m.mtp.parameters())
+    indexers = sum(p.numel() for n, p in m.named_parameters() if ".indexer." in n and not n.startswith("mtp"))
+    assert 671.0e9 < total - mtp < 672.5e9
+    assert 11.4e9 < mtp < 11.8e9
+    assert indexers == 61 * (64 * 128 * 1536 + 128 * 7168 + 64 * 7168 + 256)
+    assert 685.0e9 < total + 2 * 129280 * 7168 < 685.6e9
