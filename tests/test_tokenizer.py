@@ -216,3 +216,14 @@ def test_cli_train_from_corpus_and_text(tmp_path: Path, capsys: pytest.CaptureFi
     assert load_tokenizer(out).vocab_size == 400
     with pytest.raises(SystemExit):
         cli_main(["train", "--out", str(out)])  # no inputs
+
+
+def test_shipped_small_bpe_matches_the_small_preset():
+    from dsv32.config import ModelConfig
+    from dsv32.tokenizer import SMALL_NAME
+
+    tok = load_tokenizer(SMALL_NAME)
+    assert tok.vocab_size == ModelConfig.from_name("small").vocab_size == 8192
+    assert (tok.bos_id, tok.eos_id, tok.user_id, tok.assistant_id, tok.dsml_id) == (0, 1, 3, 4, 7)
+    text = "To be, or not to be: that is the question.\ndef f(x):\n    return x ** 2  # 12345"
+    assert tok.decode(tok.encode(text)) == text

@@ -37,7 +37,10 @@ SMALL_SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, THINK, 
 _NON_SPECIAL_MARKERS = frozenset({USER, ASSISTANT, THINK, END_THINK})
 
 BUNDLED_NAME = "deepseek-v3.2"
-_BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "tokenizers" / BUNDLED_NAME
+_ASSETS = Path(__file__).resolve().parent / "assets" / "tokenizers"
+_BUNDLED_DIR = _ASSETS / BUNDLED_NAME
+#: The `small` preset's 8K byte-level BPE (trained by `dsv32 tokenizer train`; provenance in its NOTICE.md).
+SMALL_NAME = "dsv32-small-8k"
 
 # Fallback spellings when a tokenizer.json comes without a tokenizer_config.json naming BOS/EOS.
 _BOS_CANDIDATES = (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>")
@@ -132,6 +135,9 @@ def load_tokenizer(path_or_name: str | Path | None = None) -> Tokenizer:
     """
     if path_or_name is None or str(path_or_name) == BUNDLED_NAME:
         return _load_bundled()
+    shipped = _ASSETS / str(path_or_name) / "tokenizer.json"
+    if _looks_like_name(str(path_or_name)) and shipped.is_file():
+        return _load_json(shipped)  # another tokenizer shipped with dsv32, e.g. the small preset's BPE
     path = Path(path_or_name).expanduser()
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
