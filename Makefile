@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# the local CPU wheel on these machines; plain `torch` would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# headless Chromium for the web-page test (Debian package; the test skips with a reason without it)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || true
 	touch $(STAMP)
 
 install: $(STAMP)

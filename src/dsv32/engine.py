@@ -1,0 +1,684 @@
+"""Generation engine: continuous batching over token ids (the server owns text, chat formats and stop strings).
+
+One background thread owns the model and its cache. Each loop iteration ("step") it
+  1. applies cancellations and admits waiting requests into free cache slots (rows of one static cache),
+  2. prefills newly admitted requests, at most ``prefill_chunk`` prompt tokens in all (so a long prompt
+     never stalls decoding for more than a chunk), and
+  3. runs one decode forward for every sequence that has a sampled token still to feed: a ``[R, 1]`` batch
+     whose rows map to their cache slots through ``cache_rows``, each at its own position.
+Requests therefore join and leave between steps, and nothing is padded.
+
+Why the output equals running a request alone: each sequence samples from its own row of logits with its
+own seeded ``torch.Generator``, and rows never attend to each other (each slot is its own cache row and
+the causal rule masks whatever a reused row held past the current position).
+
+Prefix reuse: a finished sequence leaves its tokens in its slot. A new request takes the free slot whose
+cached tokens share the longest prefix with its prompt, truncates the slot there and prefills only the
+rest, so a follow-up turn of a conversation costs only its new tokens (``RequestHandle.cached_tokens``).
+
+Memory: the cache is allocated once, ``max_slots x max_len`` tokens, sized from a byte budget with the
+cache's own ``nbytes()``; work beyond the slots waits in a bounded queue, and past that ``submit`` raises
+:class:`EngineOverloaded` (HTTP 429 + Retry-After) instead of allocating more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dsv32.sampling import draw, truncated_logprobs
+
+__all__ = [
+    "Engine",
+    "draw",
+    "EngineClosed",
+    "EngineError",
+    "EngineOverloaded",
+    "Output",
+    "RequestHandle",
+    "RequestResult",
+    "RequestTooLarge",
+    "SamplingParams",
+    "SequenceResult",
+]
+
+FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+class EngineError(Exception):
+    """Base class of the engine's refusals."""
+
+
+class EngineOverloaded(EngineError):
+    """Every slot is busy and the waiting queue is full: come back later (the server answers 429)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTooLarge(EngineError, ValueError):
+    """The request can never fit this engine (prompt longer than a slot, ``n`` above the slot count)."""
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down and takes no new work (the server answers 503)."""
+
+
+# --------------------------------------------------------------------------------------- public values
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. ``temperature <= 0`` is greedy. Stop *strings* are the caller's business:
+    it cancels the sequence when its decoded text contains one.
+
+    logprobs: also report the token's log-probability under the model's own distribution (temperature 1,
+    no truncation: what OpenAI's API reports) and the ``top_logprobs`` most likely alternatives.
+    return_allowed: report the ids kept by the temperature/top-k/top-p truncation (post-training masks).
+    return_routes: report MoE routes; turns prefix reuse off for the request (every prompt position is
+    computed, so its routes are known).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    return_allowed: bool = False
+    return_routes: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (self.top_logprobs >= 0, f"top_logprobs must be >= 0, got {self.top_logprobs}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def truncates(self) -> bool:
+        return self.temperature <= 0 or self.top_k > 0 or self.top_p < 1
+
+
+@dataclass
+class Output:
+    """One event of a request's stream: a sampled token of sequence ``seq``, and/or its end.
+
+    ``token`` is None only for an end without a token (cancelled: ``abort``; a failed step: ``error``).
+    A stop token is reported as a token (post-training needs its log-probability) with finish "stop".
+    ``routes``: per MoE layer, the ``[num_experts_per_tok]`` experts of the position whose logits this
+    token was sampled from (token 0: the last prompt position).
+    """
+
+    seq: int
+    token: int | None
+    logprob: float | None = None  # under the distribution actually sampled from
+    model_logprob: float | None = None  # under the model's distribution (with ``logprobs``)
+    top_logprobs: list[tuple[int, float]] | None = None
+    allowed: torch.Tensor | None = None  # kept ids (with ``return_allowed`` when something is truncated)
+    routes: list[torch.Tensor] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class SequenceResult:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    model_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    allowed: list[torch.Tensor | None] = field(default_factory=list)
+    routes: list[list[torch.Tensor] | None] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, out: Output) -> None:
+        if out.token is not None:
+            self.tokens.append(out.token)
+            self.logprobs.append(float(out.logprob))  # type: ignore[arg-type]
+            self.model_logprobs.append(out.model_logprob)
+            self.top_logprobs.append(out.top_logprobs)
+            self.allowed.append(out.allowed)
+            self.routes.append(out.routes)
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+
+
+@dataclass
+class RequestResult:
+    sequences: list[SequenceResult]
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens found in the cache (prefix reuse), not computed again
+    prompt_routes: list[torch.Tensor] | None  # per MoE layer [prompt_tokens, K] (with return_routes)
+    error: str | None = None
+
+
+# -------------------------------------------------------------------------------------------- handles
+
+_END = object()
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate it (sync or ``async for``) for :class:`Output` events,
+    or wait for :meth:`result`. Created by :meth:`Engine.submit`; safe to use from any thread.
+
+    When ``submit`` runs inside an asyncio loop the handle wakes that loop through
+    ``call_soon_threadsafe``, so ``async for`` never blocks the event loop.
+    """
+
+    def __init__(self, engine: Engine, request_id: str, prompt_len: int, params: SamplingParams) -> None:
+        self._engine = engine
+        self.id = request_id
+        self.prompt_len = prompt_len
+        self.params = params
+        self.cached_tokens = 0
+        self.prompt_routes: list[torch.Tensor] | None = None
+        self.error: str | None = None
+        self.submitted_at = time.monotonic()
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._done = threading.Event()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            self._wake: asyncio.Event | None = asyncio.Event()
+        except RuntimeError:
+            self._loop = self._wake = None
+
+    # engine side
+    def _push(self, item: Any) -> None:
+        self._q.put(item)
+        if item is _END:
+            self._done.set()
+        if self._loop is not None and self._wake is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    # caller side
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self, seq: int | None = None) -> None:
+        """Stop generating (one sequence, or all); freed slots are reused from the next step on."""
+        self._engine._request_cancel(self, seq)
+
+    def __iter__(self) -> Iterator[Output]:
+        while True:
+            item = self._q.get()
+            if item is _END:
+                return
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        if self._wake is None:
+            raise RuntimeError("async iteration needs the handle to be submitted from inside an asyncio loop")
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                self._wake.clear()
+                if self._q.empty():
+                    await self._wake.wait()
+                continue
+            if item is _END:
+                return
+            yield item
+
+    def _collect(self, outputs: Sequence[Output]) -> RequestResult:
+        seqs = [SequenceResult() for _ in range(self.params.n)]
+        for out in outputs:
+            seqs[out.seq].add(out)
+        return RequestResult(seqs, self.prompt_len, self.cached_tokens, self.prompt_routes, self.error)
+
+    def result(self) -> RequestResult:
+        """Block until every sequence has finished; returns everything the stream carried."""
+        return self._collect(list(self))
+
+    async def aresult(self) -> RequestResult:
+        return self._collect([out async for out in self])
+
+
+# ------------------------------------------------------------------------------------------- internals
+
+
+@dataclass
+class _Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # ids whose keys/values this cache row holds
+    seq: _Seq | None = None
+    last_used: int = 0
+
+
+@dataclass
+class _Seq:
+    req: _Request
+    index: int
+    gen: torch.Generator
+    slot: _Slot | None = None
+    generated: int = 0
+    pending: int | None = None  # sampled, not yet fed to the model
+    finished: bool = False
+
+
+@dataclass
+class _Request:
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    seqs: list[_Seq] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in the cache (reused + computed)
+    admitted_at: float = 0.0
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled >= len(self.prompt)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _parse_bytes(value: int | str | None) -> int | None:
+    """``123``, ``"512MiB"``, ``"2GB"``, ``"1.5GiB"`` -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    s = value.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}.get(s[-1:], 1)
+    return int(float(s[:-1] if mult > 1 else s) * mult)
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Continuous-batching generation over one model and one static cache of ``max_slots`` rows.
+
+    model: follows the model protocol (``forward(ids, cache=, positions=, last_only=, cache_rows=,
+    return_routes=)`` and ``new_cache(batch, max_len)``).
+    max_len: tokens per slot (prompt + completion); default: the model's context, at most 4096.
+    memory_budget: bytes (or "2GiB") for the cache; lowers ``max_slots`` (then ``max_len``) to fit.
+    max_waiting: requests allowed to queue for a slot before ``submit`` raises ``EngineOverloaded``.
+    prefill_chunk: prompt tokens per prefill forward (bounds both activation memory and decode stalls).
+    forward_kwargs: passed to every forward (e.g. ``{"dense": True}``).
+    prefix_reuse: look for cached prefixes (off: every prompt is prefilled in full, e.g. to measure it).
+    num_threads: torch intra-op threads for the engine thread (``torch.set_num_threads`` is process-wide).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_slots: int = 8,
+        max_len: int | None = None,
+        memory_budget: int | str | None = None,
+        max_waiting: int = 64,
+        prefill_chunk: int = 512,
+        forward_kwargs: dict[str, Any] | None = None,
+        prefix_reuse: bool = True,
+        num_threads: int | None = None,
+    ) -> None:
+        self.model = model
+        self.device = _model_device(model)
+        cfg = getattr(model, "config", None)
+        context = getattr(cfg, "max_position_embeddings", None) or 4096
+        max_len = int(max_len or min(context, 4096))
+        if max_len < 2 or max_slots < 1 or prefill_chunk < 1 or max_waiting < 0:
+            raise ValueError("need max_len >= 2, max_slots >= 1, prefill_chunk >= 1, max_waiting >= 0")
+        with torch.no_grad():
+            probe = model.new_cache(1, 64)
+            self.bytes_per_token = max(1, math.ceil(probe.nbytes() / 64))
+            del probe
+        budget = _parse_bytes(memory_budget)
+        if budget is not None:
+            max_slots = min(max_slots, budget // (self.bytes_per_token * max_len))
+            if max_slots < 1:  # one slot at full length does not fit: shorten the slot instead
+                max_slots, max_len = 1, budget // self.bytes_per_token
+                if max_len < 16:
+                    raise ValueError(
+                        f"memory budget {budget} B holds only {max_len} tokens "
+                        f"({self.bytes_per_token} B/token); need at least 16"
+                    )
+        self.max_slots, self.max_len = int(max_slots), int(max_len)
+        self.max_waiting, self.prefill_chunk = max_waiting, prefill_chunk
+        self.forward_kwargs = dict(forward_kwargs or {})
+        self.num_threads = num_threads
+        self.prefix_reuse = prefix_reuse
+        with torch.no_grad():
+            self.cache = model.new_cache(self.max_slots, self.max_len)
+        self.cache_bytes = int(self.cache.nbytes())
+        self._slots = [_Slot(i) for i in range(self.max_slots)]
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._cancels: list[tuple[RequestHandle, int | None]] = []
+        self._by_handle: dict[RequestHandle, _Request] = {}
+        self._cv = threading.Condition()
+        self._closed = False
+        self._stop = False
+        self._ids = itertools.count()
+        self._tick = itertools.count(1)
+        self._service_s = 2.0  # running mean of a request's time in a slot (Retry-After hint)
+        self.stats = {
+            "requests": 0,
+            "finished": 0,
+            "prefilled_tokens": 0,
+            "reused_tokens": 0,
+            "generated_tokens": 0,
+            "decode_steps": 0,
+            "prefill_steps": 0,
+        }
+        self._thread = threading.Thread(target=self._run, name="dsv32-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def capacity(self) -> dict[str, int]:
+        return {
+            "max_slots": self.max_slots,
+            "max_len": self.max_len,
+            "cache_bytes": self.cache_bytes,
+            "bytes_per_token": self.bytes_per_token,
+            "max_waiting": self.max_waiting,
+        }
+
+    def load(self) -> dict[str, int]:
+        with self._cv:
+            busy = sum(s.seq is not None for s in self._slots)
+            return {"running": len(self._running), "waiting": len(self._waiting), "busy_slots": busy}
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request; returns at once. Raises RequestTooLarge, EngineOverloaded or EngineClosed."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise RequestTooLarge("the prompt is empty (it needs at least one token, e.g. BOS)")
+        if len(prompt) >= self.max_len:
+            raise RequestTooLarge(
+                f"the prompt has {len(prompt)} tokens; this engine's context is {self.max_len} tokens "
+                "(prompt + at least one generated token)"
+            )
+        if params.n > self.max_slots:
+            raise RequestTooLarge(f"n={params.n} exceeds the engine's {self.max_slots} concurrent sequences")
+        max_tokens = min(params.max_tokens, self.max_len - len(prompt))
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the engine is shutting down")
+            free = sum(s.seq is None for s in self._slots) - sum(r.params.n for r in self._waiting)
+            if free < params.n and len(self._waiting) >= self.max_waiting:
+                raise EngineOverloaded(
+                    f"all {self.max_slots} slots are busy and {len(self._waiting)} requests are waiting",
+                    retry_after=self._retry_after(),
+                )
+            handle = RequestHandle(self, f"req-{next(self._ids)}", len(prompt), params)
+            req = _Request(handle, prompt, params, max_tokens)
+            self._waiting.append(req)
+            self._by_handle[handle] = req
+            self.stats["requests"] += 1
+            self._cv.notify()
+        return handle
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams | None = None) -> RequestResult:
+        """Submit and wait (convenience for scripts and tests)."""
+        return self.submit(prompt, params).result()
+
+    def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Refuse new work, let in-flight requests finish for up to ``drain_timeout`` s, cancel the rest
+        (their streams end with finish "abort") and stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and self._thread.is_alive():
+            with self._cv:
+                if not self._running and not self._waiting:
+                    break
+            time.sleep(0.02)
+        self.cancel_all()
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def cancel_all(self) -> None:
+        with self._cv:
+            for req in [*self._waiting, *self._running]:
+                self._cancels.append((req.handle, None))
+            self._cv.notify()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ called from other threads
+    def _request_cancel(self, handle: RequestHandle, seq: int | None) -> None:
+        with self._cv:
+            if handle in self._by_handle:
+                self._cancels.append((handle, seq))
+                self._cv.notify()
+
+    def _retry_after(self) -> float:
+        waves = 1 + len(self._waiting) / max(1, self.max_slots)
+        return float(min(60, max(1, math.ceil(self._service_s * waves))))
+
+    # ------------------------------------------------------------------ the loop (engine thread only)
+    def _run(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        with torch.no_grad():
+            while True:
+                with self._cv:
+                    while not (self._stop or self._cancels or self._waiting or self._running):
+                        self._cv.wait()
+                    self._apply_cancels()
+                    if self._stop:
+                        break
+                    self._admit()
+                try:
+                    self._step()
+                except Exception as e:  # a failing forward must not take the server down with it
+                    self._fail_running(e)
+
+    def _step(self) -> None:
+        # Prefill up to ``prefill_chunk`` prompt tokens per step (several short prompts, or one chunk of a
+        # long one), oldest first; then one decode forward for everything that is generating.
+        budget = self.prefill_chunk
+        for req in [r for r in self._running if not r.prefill_done]:
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(req, budget)
+        rows = [s for r in self._running for s in r.seqs if s.pending is not None and not s.finished]
+        if rows:
+            self._decode(rows)
+
+    def _admit(self) -> None:
+        """FIFO: give the head of the queue its slots while enough are free (best shared prefix first)."""
+        while self._waiting:
+            req = self._waiting[0]
+            free = [s for s in self._slots if s.seq is None]
+            if len(free) < req.params.n:
+                return
+            self._waiting.popleft()
+            chosen: list[tuple[_Slot, int]] = []
+            for _ in range(req.params.n):
+                best = max(free, key=lambda s: (common_prefix_len(s.tokens, req.prompt), -s.last_used))
+                if common_prefix_len(best.tokens, req.prompt) == 0:
+                    best = min(free, key=lambda s: s.last_used)  # keep recently used prefixes for later
+                free.remove(best)
+                chosen.append((best, common_prefix_len(best.tokens, req.prompt)))
+            reuse = min(min(c for _, c in chosen), len(req.prompt) - 1)
+            if req.params.return_routes or not self.prefix_reuse:
+                reuse = 0
+            seed = req.params.seed
+            for i, (slot, _) in enumerate(chosen):
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(seed + i if seed is not None else int(time.time_ns() + i) % 2**62)
+                seq = _Seq(req, i, gen, slot=slot)
+                slot.seq, slot.tokens = seq, slot.tokens[:reuse]
+                slot.last_used = next(self._tick)
+                self.cache.truncate(slot.index, reuse)
+                req.seqs.append(seq)
+            req.prefilled = reuse
+            req.handle.cached_tokens = reuse
+            req.admitted_at = time.monotonic()
+            self.stats["reused_tokens"] += reuse * req.params.n
+            self._running.append(req)
+
+    def _apply_cancels(self) -> None:
+        cancels, self._cancels = self._cancels, []
+        for handle, seq in cancels:
+            req = self._by_handle.get(handle)
+            if req is None:
+                continue
+            if req in self._waiting:
+                self._waiting.remove(req)
+                for i in range(req.params.n):
+                    handle._push(Output(i, None, finish_reason=FINISH_ABORT))
+                self._retire(req)
+                continue
+            for s in req.seqs:
+                if not s.finished and (seq is None or s.index == seq):
+                    self._finish(s, Output(s.index, None, finish_reason=FINISH_ABORT))
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: list[int], routes: bool):
+        out = self.model.forward(
+            ids.to(self.device),
+            cache=self.cache,
+            positions=positions.to(self.device),
+            last_only=True,
+            cache_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
+            **({"return_routes": True} if routes else {}),
+            **self.forward_kwargs,
+        )
+        if routes:
+            return out.logits[:, -1], out.routes
+        return out[:, -1], None
+
+    def _prefill_chunk(self, req: _Request, max_tokens: int) -> int:
+        """Prefill the next (at most ``max_tokens``) prompt tokens of ``req``; returns how many."""
+        start = req.prefilled
+        chunk = req.prompt[start : start + max_tokens]
+        live = [s for s in req.seqs if not s.finished]
+        if not live:
+            return 0
+        n, S = len(live), len(chunk)
+        ids = torch.tensor([chunk] * n, dtype=torch.long)
+        pos = torch.arange(start, start + S).unsqueeze(0).expand(n, S)
+        want_routes = req.params.return_routes
+        logits, routes = self._forward(ids, pos, [s.slot.index for s in live], want_routes)  # type: ignore[union-attr]
+        for s in live:
+            s.slot.tokens.extend(chunk)  # type: ignore[union-attr]
+        req.prefilled += S
+        self.stats["prefilled_tokens"] += S * n
+        self.stats["prefill_steps"] += 1
+        if want_routes:  # routes are [n*S, K]; every row holds the same prompt, keep row 0
+            part = [r.view(n, S, -1)[0].cpu() for r in routes]
+            prev = req.handle.prompt_routes
+            req.handle.prompt_routes = part if prev is None else [torch.cat([a, b]) for a, b in zip(prev, part)]
+        if req.prefill_done:
+            last = [r.view(n, S, -1)[:, -1].cpu() for r in routes] if want_routes else None
+            for i, s in enumerate(live):
+                self._sample(s, logits[i], [r[i] for r in last] if last is not None else None)
+        return S
+
+    def _decode(self, rows: list[_Seq]) -> None:
+        ids = torch.tensor([[s.pending] for s in rows], dtype=torch.long)
+        pos = torch.tensor([[len(s.slot.tokens)] for s in rows], dtype=torch.long)  # type: ignore[union-attr]
+        want_routes = any(s.req.params.return_routes for s in rows)
+        logits, routes = self._forward(ids, pos, [s.slot.index for s in rows], want_routes)  # type: ignore[union-attr]
+        self.stats["decode_steps"] += 1
+        routes_cpu = [r.cpu() for r in routes] if want_routes else None
+        for i, s in enumerate(rows):
+            s.slot.tokens.append(s.pending)  # type: ignore[union-attr,arg-type]
+            s.pending = None
+            r = [x[i] for x in routes_cpu] if routes_cpu is not None and s.req.params.return_routes else None
+            self._sample(s, logits[i], r)
+
+    def _sample(self, s: _Seq, logits: torch.Tensor, routes: list[torch.Tensor] | None) -> None:
+        """Sample one token for ``s`` from its logits row [V] with its own generator, and emit it."""
+        p = s.req.params
+        lp = truncated_logprobs(logits[None], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+        tok = int(lp.argmax(-1)) if p.temperature <= 0 else draw(lp[0].exp(), s.gen)
+        out = Output(s.index, tok, logprob=float(lp[0, tok]), routes=routes)
+        if p.logprobs or p.top_logprobs:
+            raw = logits.float().log_softmax(-1)
+            out.model_logprob = float(raw[tok])
+            if p.top_logprobs:
+                vals, idx = raw.topk(min(p.top_logprobs, raw.shape[-1]))
+                out.top_logprobs = [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        if p.return_allowed and p.truncates:
+            out.allowed = torch.isfinite(lp[0]).nonzero().squeeze(-1).cpu()
+        s.generated += 1
+        self.stats["generated_tokens"] += 1
+        if tok in p.stop_token_ids:
+            out.finish_reason = FINISH_STOP
+        elif s.generated >= s.req.max_tokens:
+            out.finish_reason = FINISH_LENGTH
+        if out.finish_reason is None:
+            s.pending = tok
+            s.req.handle._push(out)
+        else:
+            self._finish(s, out)
+
+    def _finish(self, s: _Seq, out: Output) -> None:
+        s.finished, s.pending = True, None
+        if s.slot is not None:
+            s.slot.seq = None
+            s.slot.last_used = next(self._tick)
+        s.req.handle._push(out)
+        req = s.req
+        if all(x.finished for x in req.seqs):
+            if req in self._running:
+                self._running.remove(req)
+            if req.admitted_at:
+                self._service_s = 0.8 * self._service_s + 0.2 * (time.monotonic() - req.admitted_at)
+            self._retire(req)
+
+    def _retire(self, req: _Request) -> None:
+        with self._cv:
+            self._by_handle.pop(req.handle, None)
+            self.stats["finished"] += 1
+        req.handle._push(_END)
+
+    def _fail_running(self, err: Exception) -> None:
+        msg = f"{type(err).__name__}: {err}"
+        for req in list(self._running):
+            req.handle.error = msg
+            for s in req.seqs:
+                if s.slot is not None:  # the failed step may have left this row half written
+                    s.slot.tokens = []
+                    self.cache.reset([s.slot.index])
+                if not s.finished:
+                    self._finish(s, Output(s.index, None, finish_reason=FINISH_ERROR))
