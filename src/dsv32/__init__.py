@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Transformer": "dsv32.model",
-    "load_model": "dsv32.checkpoint",
+    "load_model": "dsv32.registry",
     "save_model": "dsv32.checkpoint",
     "CheckpointError": "dsv32.checkpoint",
     "load_tokenizer": "dsv32.tokenizer",

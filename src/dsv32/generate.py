@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--num-layers", type=int, default=None, help="load only the first N layers (debugging)")
     args = p.parse_args(argv)
 
-    from dsv32.checkpoint import load_model
+    from dsv32.registry import load_model
     from dsv32.tokenizer import load_tokenizer
 
     model = load_model(args.model, num_layers=args.num_layers).eval()
