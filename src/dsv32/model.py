@@ -294,13 +294,16 @@ class Attention(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,S,Dn+R]
         k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # [B,H,T,Dn+R]
         v = v.transpose(1, 2)  # [B,H,T,Dv]
+        Dqk = q.shape[-1]
+        if self.v_dim < Dqk:  # equal head dims let SDPA use its flash kernel (CPU too) instead of the math one
+            v = F.pad(v, (0, Dqk - self.v_dim))
         trivially_causal = S == T and bool((positions == torch.arange(S, device=positions.device)).all())
         if trivially_causal:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             mask = ops.reference.causal_mask(positions, T).unsqueeze(1)  # [B,1,S,T]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return o.transpose(1, 2)
+        return o[..., : self.v_dim].transpose(1, 2)
 
 
 # ======================================================================================== FFN / MoE
@@ -374,16 +377,20 @@ class Experts(nn.Module):
         token_of = order // K  # token index of each sorted (token, slot) pair
         xs = x[token_of]  # [N*K,D] grouped by expert
         ws = weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
-        out = torch.zeros_like(x)
+        # unbind once: indexing a stacked parameter per expert would make each expert's backward write a
+        # full-size zero gradient; unbind's backward stacks the per-expert gradients once
+        w1, w3, w2 = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        ys = []
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
                 continue
             xe = xs[start : start + c]
-            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
-            out.index_add_(0, token_of[start : start + c], (h @ self.down_proj[e].t()) * ws[start : start + c])
+            h = F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())
+            ys.append((h @ w2[e].t()) * ws[start : start + c])
             start += c
-        return out
+        out = torch.zeros_like(x)
+        return out.index_add_(0, token_of, torch.cat(ys)) if ys else out
 
 
 class MoE(nn.Module):
