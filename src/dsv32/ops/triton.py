@@ -1,0 +1,254 @@
+"""Triton GPU kernels for DSA: lightning-indexer scores and the sparse-MLA forward (optional import).
+
+Importing this module raises ImportError when ``triton`` is missing; ``dsv32.ops`` then falls back to the
+plain-torch path (``cpu.py``), which runs on any device. On CUDA tensors the dispatcher picks these kernels
+first. Correctness is tested on CPU with Triton's interpreter (``TRITON_INTERPRET=1``) at small shapes.
+
+- ``indexer_scores``: weighted-ReLU MQA logits (paper eq. 1; DeepGEMM's ``fp8_mqa_logits`` semantics), one
+  program per (query, key tile): a [HI,dI] x [dI,Tt] dot, ReLU, then the head-weighted sum; keys after the
+  query's position come out as -inf. ``indexer_topk`` runs it per query chunk, then the deterministic top-k of
+  ``cpu.select_topk`` (torch; ties to the lower position).
+- ``sparse_mla``: one program per (query, head tile), streaming the query's top-k latent rows in tiles with an
+  online softmax (the FlashMLA formulation: gather, dot, running max/sum). Backward reuses the chunked torch
+  backward of ``cpu.py``, which recomputes from the saved lse.
+
+Nothing here has been timed on a GPU; the kernels aim at clarity and correctness first.
+
+Shape legend: B batch, S queries, T keys, H heads, HI indexer heads, dI indexer head dim, D latent dim,
+Dv value dim, K top-k; tiles: BH heads, BT keys, BK selected keys, BD/BV feature dims.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv32.ops import cpu
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(t: torch.Tensor, op: str) -> bool:
+    """Real kernels need a CUDA tensor (tests call the functions directly under the interpreter)."""
+    return t.is_cuda
+
+
+def _p2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _precision(t: torch.Tensor) -> str:
+    """fp32 inputs multiply in IEEE fp32 (selection must match the fp32 reference); bf16/fp16 use tensor cores."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+# ============================================================================================ indexer
+
+
+@triton.jit
+def _indexer_scores_kernel(
+    Q, W, Kc, KS, POS, OUT,  # q [R,HI,dI], w [R,HI], k [B,T,dI], k_scale [B,T], q_pos [R], out [R,T]
+    S, T, HI, DI,
+    stride_qr, stride_qh, stride_wr, stride_kb, stride_kt, stride_sb, stride_or,
+    HAS_SCALE: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
+):
+    r = tl.program_id(0)  # query row in [0, B*S)
+    b = r // S
+    offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
+    offs_h = tl.arange(0, BH)
+    offs_d = tl.arange(0, BD)
+    q = tl.load(
+        Q + r * stride_qr + offs_h[:, None] * stride_qh + offs_d[None, :],
+        mask=(offs_h[:, None] < HI) & (offs_d[None, :] < DI), other=0.0,
+    )  # [BH,BD]
+    k = tl.load(
+        Kc + b * stride_kb + offs_t[:, None] * stride_kt + offs_d[None, :],
+        mask=(offs_t[:, None] < T) & (offs_d[None, :] < DI), other=0.0,
+    ).to(q.dtype)  # [BT,BD]
+    logits = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BH,BT] fp32
+    if HAS_SCALE:
+        ks = tl.load(KS + b * stride_sb + offs_t, mask=offs_t < T, other=0.0)
+        logits = logits * ks[None, :]
+    w = tl.load(W + r * stride_wr + offs_h, mask=offs_h < HI, other=0.0).to(tl.float32)
+    scores = tl.sum(tl.maximum(logits, 0.0) * w[:, None], axis=0)  # [BT]
+    pos = tl.load(POS + r)
+    scores = tl.where(offs_t <= pos, scores, float("-inf"))
+    tl.store(OUT + r * stride_or + offs_t, scores, mask=offs_t < T)
+
+
+def indexer_scores(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    q_pos: torch.Tensor,
+    T: int | None = None,
+) -> torch.Tensor:
+    """Causally masked indexer logits: q [B,S,HI,dI], w [B,S,HI], k [B,T',dI], q_pos [B,S] -> [B,S,T] fp32.
+
+    ``T`` (<= T') limits the keys scored; keys t > q_pos are -inf. k may be FP8 e4m3 with k_scale [B,T'].
+    """
+    B, S, HI, dI = q.shape
+    T = k.shape[1] if T is None else T
+    out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
+    if B * S == 0 or T == 0:
+        return out
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        q = q.float()
+    if k.dtype == torch.float8_e4m3fn and (_INTERPRET or not q.is_cuda):
+        k = k.float()  # the interpreter has no fp8 loads
+    q = q.reshape(B * S, HI, dI).contiguous()
+    w = w.reshape(B * S, HI).float().contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    pos = q_pos.reshape(B * S).to(torch.int64).contiguous()
+    ks = k_scale.float().contiguous() if k_scale is not None else out  # dummy pointer when unused
+    BT = 64
+    grid = (B * S, triton.cdiv(T, BT))
+    _indexer_scores_kernel[grid](
+        q, w, k, ks, pos, out,
+        S, T, HI, dI,
+        q.stride(0), q.stride(1), w.stride(0), k.stride(0), k.stride(1), ks.stride(0), T,
+        HAS_SCALE=k_scale is not None, BH=_p2(HI), BD=_p2(dI), BT=BT, PREC=_precision(q),
+    )
+    return out.view(B, S, T)
+
+
+def indexer_topk(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    q_pos: torch.Tensor,
+    topk: int,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Same contract as ``reference.indexer_topk``; scores from the Triton kernel, [C,T] per query chunk."""
+    B, S = q.shape[:2]
+    T = k.shape[1]
+    out = torch.full((B, S, topk), -1, dtype=torch.int32, device=q.device)
+    if S == 0 or T == 0:
+        return out
+    C = chunk or max(1, min(4096, cpu.SCORE_BYTES // (4 * B * T)))
+    for s0 in range(0, S, C):
+        s1 = min(S, s0 + C)
+        pos = q_pos[:, s0:s1]
+        T_eff = min(T, int(pos.max()) + 1)
+        if T_eff <= 0:
+            continue
+        scores = indexer_scores(q[:, s0:s1], w[:, s0:s1], k, k_scale=k_scale, q_pos=pos, T=T_eff)  # [B,C,T_eff]
+        n_visible = (pos + 1).clamp(0, T_eff)
+        out[:, s0:s1] = cpu.select_topk(scores.view(-1, T_eff), n_visible.reshape(-1), topk).view(B, -1, topk)
+    return out
+
+
+# ============================================================================================ sparse MLA
+
+
+@triton.jit
+def _sparse_mla_fwd_kernel(
+    Q, KV, IDX, OUT, LSE,  # q [R,H,D], kv [B,T,D], idx [R,K], out [R,H,Dv] fp32, lse [R,H] fp32
+    scale, S, T, H, D, DV, K,
+    stride_qr, stride_qh, stride_kvb, stride_kvt, stride_ir, stride_or, stride_oh, stride_lr,
+    BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ND: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    r = tl.program_id(0)  # query row in [0, B*S)
+    b = r // S
+    offs_h = tl.program_id(1) * BH + tl.arange(0, BH)
+    h_ok = offs_h < H
+    offs_v = tl.arange(0, BV)
+    m_i = tl.full([BH], float("-inf"), tl.float32)  # running max of the scaled scores
+    l_i = tl.zeros([BH], tl.float32)  # running sum of exp(s - m_i)
+    acc = tl.zeros([BH, BV], tl.float32)
+    q_row = Q + r * stride_qr + offs_h[:, None] * stride_qh
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        idx = tl.load(IDX + r * stride_ir + offs_k, mask=offs_k < K, other=-1)
+        valid = (idx >= 0) & (idx < T)
+        rows = KV + b * stride_kvb + tl.where(valid, idx, 0).to(tl.int64) * stride_kvt  # [BK] row pointers
+        s = tl.zeros([BH, BK], tl.float32)
+        for dc in tl.static_range(ND):
+            offs_d = dc * BD + tl.arange(0, BD)
+            qd = tl.load(q_row + offs_d[None, :], mask=h_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            kd = tl.load(rows[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+            s += tl.dot(qd, tl.trans(kd.to(qd.dtype)), input_precision=PREC)
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing valid yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])  # [BH,BK], 0 on -1 slots
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(rows[:, None] + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(
+        OUT + r * stride_or + offs_h[:, None] * stride_oh + offs_v[None, :], out,
+        mask=h_ok[:, None] & (offs_v[None, :] < DV),
+    )
+    tl.store(LSE + r * stride_lr + offs_h, lse, mask=h_ok)
+
+
+def sparse_mla_forward(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, v_dim: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: q [B,S,H,D], kv [B,T,D], idx [B,S,K] -> (out [B,S,H,Dv] fp32, lse [B,S,H] fp32)."""
+    B, S, H, D = q.shape
+    T, K = kv.shape[1], idx.shape[-1]
+    out = torch.zeros(B * S, H, v_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((B * S, H), float("-inf"), dtype=torch.float32, device=q.device)
+    if B * S == 0 or K == 0:
+        return out.view(B, S, H, v_dim), lse.view(B, S, H)
+    qf = q.reshape(B * S, H, D).contiguous()
+    kvc = kv if kv.stride(-1) == 1 else kv.contiguous()
+    ic = idx.reshape(B * S, K).to(torch.int32).contiguous()
+    BV = _p2(v_dim)
+    BH = max(16, min(_p2(H), 8192 // BV))  # the [BH,BV] fp32 accumulator lives in registers: 16 heads at Dv 512
+    BD = min(64, _p2(D))
+    grid = (B * S, triton.cdiv(H, BH))
+    _sparse_mla_fwd_kernel[grid](
+        qf, kvc, ic, out, lse,
+        float(scale), S, T, H, D, v_dim, K,
+        qf.stride(0), qf.stride(1), kvc.stride(0), kvc.stride(1), ic.stride(0), out.stride(0), out.stride(1),
+        lse.stride(0),
+        BH=BH, BK=32, BD=BD, ND=triton.cdiv(D, BD), BV=BV, PREC=_precision(qf),
+    )
+    return out.view(B, S, H, v_dim), lse.view(B, S, H)
+
+
+class SparseMLA(torch.autograd.Function):
+    """Triton forward; chunked torch backward recomputing from the saved lse (``cpu.sparse_mla_backward``)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, idx, v_dim: int, scale: float):  # type: ignore[override]
+        out, lse = sparse_mla_forward(q, kv, idx, v_dim, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, kv, idx, out, lse)
+        ctx.v_dim, ctx.scale = v_dim, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, kv, idx, out, lse = ctx.saved_tensors
+        dq, dkv = cpu.sparse_mla_backward(q, kv, idx, out, lse, dout, dlse, ctx.v_dim, ctx.scale)
+        return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None
+
+
+def sparse_mla(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, *, v_dim: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``reference.sparse_mla`` (absorbed form, -1 slots, differentiable in q and kv)."""
+    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        return SparseMLA.apply(q, kv, idx, v_dim, scale)
+    out, lse = sparse_mla_forward(q, kv, idx, v_dim, scale)
+    return out.to(q.dtype), lse
+
+
+__all__ = ["indexer_scores", "indexer_topk", "sparse_mla", "sparse_mla_forward", "supports"]

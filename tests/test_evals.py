@@ -1,0 +1,121 @@
+"""`dsv32 eval ppl|passkey`: result JSON shape and settings, held-out split, passkey construction, modes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dsv32 import evals
+from dsv32.evals import passkey, ppl
+from dsv32.llama import LlamaConfig, LlamaModel
+
+
+class CharTok:
+    """Byte-level stand-in tokenizer: id = byte + 2; BOS 0, EOS 1."""
+
+    bos_id, eos_id = 0, 1
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 2 for b in text.encode()]
+
+    def decode(self, ids) -> str:
+        return bytes(i - 2 for i in ids if i >= 2).decode(errors="replace")
+
+
+def tiny_model() -> LlamaModel:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, rope_theta=1000.0, index_n_heads=2,
+                      index_head_dim=16, index_rope_head_dim=8, index_topk=16)
+    return LlamaModel(cfg).eval()
+
+
+@pytest.fixture()
+def text_root(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north"]
+    for src in ("prose", "verse"):
+        d = tmp_path / "raw" / src
+        d.mkdir(parents=True)
+        for i in range(6):
+            (d / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 9)) for _ in range(60)))
+    return tmp_path / "raw"
+
+
+def test_split_texts_are_disjoint(text_root) -> None:
+    val, vn = evals.load_split_texts([text_root], "val")
+    train, tn = evals.load_split_texts([text_root], "train")
+    assert vn and tn and not set(vn) & set(tn)
+    assert {n.split("/")[0] for n in vn} == {"prose", "verse"}  # every source keeps a held-out document
+
+
+@pytest.mark.parametrize("flags,mode", [([], "dense"), (["--topk", "16"], "topk"), (["--window", "16"], "window")])
+def test_ppl_cli_json_shape(tmp_path, text_root, monkeypatch, flags, mode) -> None:
+    monkeypatch.setattr(ppl, "prepare_model", lambda args, mode, k: (tiny_model(), CharTok()))
+    out = tmp_path / "ppl.json"
+    argv = ["--model", "tiny-test", "--context", "64", "--num-seqs", "2", "--text", str(text_root),
+            "--json", str(out), "--recall", *flags]
+    assert ppl.cli_main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["eval"] == "ppl" and set(r) == {"eval", "settings", "results"}
+    s, res = r["settings"], r["results"]
+    assert s["model"] == "tiny-test" and s["context"] == 64 and s["mode"] == mode and s["seed"] == 0
+    assert s["data"]["split"] == "val" and s["data"]["tokens"] > 64
+    assert (s["topk"], s["window"]) == {"dense": (None, None), "topk": (16, None), "window": (None, 16)}[mode]
+    assert res["tokens"] == 128 and res["sequences"] == 2 and 1 < res["ppl"] < 1e4
+    if mode == "dense":
+        assert res["ppl_beyond_k"] is None
+    else:
+        assert res["tokens_beyond_k"] == 2 * (64 - 16) and res["recall"] is not None
+
+
+def test_dense_equals_topk_when_k_covers_the_context(text_root) -> None:
+    m = tiny_model()
+    stream = np.arange(2, 200, dtype=np.int64) % 250
+    a = ppl.eval_ppl(m, stream, context=32, mode="dense", k=None, num_seqs=2, progress=False)
+    b = ppl.eval_ppl(m, stream, context=32, mode="topk", k=32, num_seqs=2, progress=False)
+    assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    c = ppl.eval_ppl(m, stream, context=32, mode="window", k=8, num_seqs=2, progress=False)
+    assert c["ppl"] != pytest.approx(a["ppl"], rel=1e-6)  # the forced window really is sparse
+
+
+@pytest.mark.parametrize("mode,k", [("topk", 8), ("window", 8)])
+def test_masked_sparse_impl_matches_the_op(mode, k) -> None:
+    m = tiny_model()
+    stream = (np.arange(2, 300, dtype=np.int64) * 7) % 250
+    a = ppl.eval_ppl(m, stream, context=40, mode=mode, k=k, num_seqs=2, progress=False, sparse_impl="op")
+    b = ppl.eval_ppl(m, stream, context=40, mode=mode, k=k, num_seqs=2, progress=False, sparse_impl="masked")
+    assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    assert a["per_sequence"][1]["nll"] == pytest.approx(b["per_sequence"][1]["nll"], rel=1e-5)
+
+
+def test_passkey_items_and_json(tmp_path, text_root, monkeypatch) -> None:
+    tok = CharTok()
+    stream = np.asarray(tok.encode("the quick brown fox jumps over the lazy dog. " * 40))
+    items = passkey.passkey_items(tok, stream, context=300, num=5, seed=3)
+    assert len(items) == 5 and all(len(it.ids) == 300 for it in items)
+    again = passkey.passkey_items(tok, stream, context=300, num=5, seed=3)
+    assert [it.ids for it in items] == [it.ids for it in again]  # a fixed set for a seed
+    for it in items:
+        text = tok.decode(it.ids[1:])
+        assert f"The pass key is {it.answer}." in text and text.endswith(f"The pass key is {it.answer}")
+        assert tok.decode(it.ids[it.needle_pos : it.needle_pos + 20]).startswith("\nThe pass key is")
+    assert [it.depth for it in items] == sorted(it.depth for it in items)
+
+    monkeypatch.setattr(passkey, "prepare_model", lambda args, mode, k: (tiny_model(), tok))
+    out = tmp_path / "pk.json"
+    assert passkey.cli_main(["--model", "tiny-test", "--context", "200", "--num", "3", "--window", "16",
+                             "--text", str(text_root), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["eval"] == "passkey" and r["settings"]["window"] == 16 and r["settings"]["task"] == "passkey"
+    res = r["results"]
+    assert res["items"] == 3 and 0 <= res["accuracy"] <= 1 and len(res["per_item"]) == 3
+    assert {"depth", "needle_pos", "correct", "needle_in_window"} <= res["per_item"][0].keys()
+    assert res["per_item"][-1]["needle_in_window"] is False or res["per_item"][-1]["depth"] > 0.9
+
+
+def test_unknown_eval_name() -> None:
+    assert evals.cli_main(["nope"]) == 2

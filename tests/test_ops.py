@@ -1,0 +1,260 @@
+"""Fast DSA ops (``ops/cpu.py``, ``ops/triton.py``) against the reference oracle (``ops/reference.py``).
+
+Small shapes, CPU only. The chunk/block budgets are shrunk so that every loop (query chunks, key blocks,
+row chunks) runs several times even at these sizes. Triton kernels run under TRITON_INTERPRET=1 unless a GPU
+is present, and are skipped when triton cannot be imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from dsv32 import ops
+from dsv32.ops import cpu
+from dsv32.ops import reference as ref
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Force several query chunks, key blocks and row chunks at test sizes."""
+    monkeypatch.setattr(cpu, "WORK_BYTES", 16 << 10)
+    monkeypatch.setattr(cpu, "SCORE_BYTES", 8 << 10)
+    monkeypatch.setattr(cpu, "INDEX_BLOCK_BYTES", 4 << 10)
+
+
+def _ragged_positions(B: int, S: int, T: int) -> torch.Tensor:
+    """Row 0: a prefill from 0 (many rows see < topk keys); row 1: a chunk deep in the context; row 2 (if any):
+    decreasing positions with a gap (nothing assumes sorted positions)."""
+    rows = [torch.arange(S), torch.arange(T - S, T)]
+    if B > 2:
+        rows.append(torch.arange(S).flip(0) * 3 % T)
+    return torch.stack(rows[:B])
+
+
+def _assert_same_selection(idx: torch.Tensor, want: torch.Tensor, scores: torch.Tensor) -> None:
+    """Exact equality, or (float rounding at a near-tie) the same multiset of selected scores."""
+    if torch.equal(idx, want):
+        return
+    assert torch.equal(idx < 0, want < 0), "different -1 slots"
+    got_s = scores.gather(-1, idx.clamp_min(0).long()).masked_fill(idx < 0, 0).sort(-1).values
+    want_s = scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, 0).sort(-1).values
+    torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=1e-5)
+
+
+# ============================================================================================ indexer top-k
+
+
+@pytest.mark.parametrize("B,S,T,topk", [(2, 37, 150, 16), (3, 5, 64, 80), (1, 1, 40, 8)])
+def test_indexer_topk_matches_reference(small_blocks, B, S, T, topk):
+    g = torch.Generator().manual_seed(B * 100 + S)
+    HI, dI = 4, 16
+    q, w = torch.randn(B, S, HI, dI, generator=g), torch.randn(B, S, HI, generator=g)
+    k = torch.randn(B, T, dI, generator=g)
+    q_pos = _ragged_positions(B, S, T)
+    want = ref.indexer_topk(q, w, k, q_pos=q_pos, topk=topk)
+    got = cpu.indexer_topk(q, w, k, q_pos=q_pos, topk=topk)
+    assert got.dtype == torch.int32 and got.shape == (B, S, topk)
+    scores = ref.indexer_scores(q, w, k)
+    _assert_same_selection(got, want, scores)
+    # rows with fewer than topk visible keys: exactly the visible ones, then -1
+    n_valid = (got >= 0).sum(-1)
+    assert torch.equal(n_valid, (q_pos + 1).clamp(max=T).clamp(max=topk))
+
+
+def test_indexer_topk_exact_ties_go_to_lower_position(small_blocks):
+    """Integer-valued inputs make every score exact, with many equal values at the top-k boundary."""
+    g = torch.Generator().manual_seed(1)
+    B, S, T, HI, dI, topk = 2, 24, 96, 3, 8, 20
+    q = torch.randint(-1, 2, (B, S, HI, dI), generator=g).float()
+    w = torch.randint(0, 3, (B, S, HI), generator=g).float()
+    k = torch.randint(-1, 2, (B, T, dI), generator=g).float()
+    q_pos = _ragged_positions(B, S, T)
+    want = ref.indexer_topk(q, w, k, q_pos=q_pos, topk=topk)
+    assert torch.equal(cpu.indexer_topk(q, w, k, q_pos=q_pos, topk=topk), want)
+    # all-equal rows: the first topk positions, in order (invisible keys are -inf, as indexer_topk passes them)
+    flat = torch.zeros(3, 50)
+    flat[1, 7:] = flat[2] = float("-inf")
+    got = cpu.select_topk(flat, torch.tensor([50, 7, 0]), 10)
+    assert got[0].tolist() == list(range(10))
+    assert got[1].tolist() == list(range(7)) + [-1] * 3
+    assert got[2].tolist() == [-1] * 10
+
+
+def test_indexer_topk_random_ties_and_positions(small_blocks):
+    """Many small cases with plateaus of exactly equal scores, positions beyond T and below 0, T < topk."""
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        B, HI, dI = 2, 3, 4
+        S, T, topk = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 20), (1, 80), (1, 40)))
+        q = torch.randint(-1, 2, (B, S, HI, dI), generator=g).float()
+        w = torch.randint(0, 3, (B, S, HI), generator=g).float()
+        k = torch.randint(-1, 2, (B, T, dI), generator=g).float()
+        q_pos = torch.randint(-2, T + 3, (B, S), generator=g)
+        want = ref.indexer_topk(q, w, k, q_pos=q_pos, topk=topk)
+        assert torch.equal(cpu.indexer_topk(q, w, k, q_pos=q_pos, topk=topk), want), f"seed {seed}"
+
+
+def test_indexer_topk_fp8_keys_with_scale(small_blocks):
+    g = torch.Generator().manual_seed(2)
+    B, S, T, HI, dI, topk = 2, 9, 120, 4, 16, 24
+    q, w = torch.randn(B, S, HI, dI, generator=g), torch.randn(B, S, HI, generator=g)
+    k = torch.randn(B, T, dI, generator=g) * 3
+    k_scale = k.abs().amax(-1) / 448  # one fp32 scale per token
+    k8 = (k / k_scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
+    q_pos = _ragged_positions(B, S, T)
+    want = ref.indexer_topk(q, w, k8, k_scale=k_scale, q_pos=q_pos, topk=topk)
+    got = cpu.indexer_topk(q, w, k8, k_scale=k_scale, q_pos=q_pos, topk=topk)
+    _assert_same_selection(got, want, ref.indexer_scores(q, w, k8, k_scale=k_scale))
+
+
+def test_indexer_topk_decode_batch_with_different_positions(small_blocks):
+    """Batched decode: one query per row, each at its own position in a longer cache (stale tail ignored)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, HI, dI, topk = 4, 200, 4, 16, 32
+    q, w = torch.randn(B, 1, HI, dI, generator=g), torch.randn(B, 1, HI, generator=g)
+    k = torch.randn(B, T, dI, generator=g)
+    q_pos = torch.tensor([[5], [31], [32], [150]])
+    got = cpu.indexer_topk(q, w, k, q_pos=q_pos, topk=topk)
+    _assert_same_selection(got, ref.indexer_topk(q, w, k, q_pos=q_pos, topk=topk), ref.indexer_scores(q, w, k))
+    assert int(got.max()) <= 150 and (got[0] >= 0).sum() == 6
+
+
+# ============================================================================================ sparse MLA
+
+
+def _sparse_inputs(B=2, S=11, T=60, H=3, D=24, K=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, H, D, generator=g)
+    kv = torch.randn(B, T, D, generator=g)
+    rows = torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(B * S)]).int()  # [B*S,K], B*S >= 4
+    rows[0] = -1  # a row with no valid key
+    rows[1, K // 2 :] = -1  # a partly empty row
+    rows[2, ::3] = -1  # scattered -1 slots
+    rows[3, :] = rows[3, 0]  # the same key several times
+    return q, kv, rows.view(B, S, K)
+
+
+@pytest.mark.parametrize("v_dim", [16, 24])
+def test_sparse_mla_forward_and_grads(small_blocks, v_dim):
+    q, kv, idx = _sparse_inputs()
+    scale = 0.37
+    out_r, lse_r = ref.sparse_mla(q, kv, idx, v_dim=v_dim, scale=scale)
+    q1, kv1 = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    out, lse = cpu.sparse_mla(q1, kv1, idx, v_dim=v_dim, scale=scale)
+    torch.testing.assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, lse_r, rtol=1e-5, atol=1e-5)
+    assert torch.all(out[0, 0] == 0) and torch.all(lse[0, 0] == float("-inf"))
+    # gradients through out and through lse (finite part), vs the reference's autograd
+    g = torch.Generator().manual_seed(9)
+    d_out, d_lse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+
+    def loss(o, l_):
+        return (o * d_out).sum() + (torch.where(torch.isfinite(l_), l_, 0.0) * d_lse).sum()
+
+    q2, kv2 = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    loss(*ref.sparse_mla(q2, kv2, idx, v_dim=v_dim, scale=scale)).backward()
+    loss(out, lse).backward()
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kv1.grad, kv2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_mla_gradcheck_double():
+    q, kv, idx = _sparse_inputs(B=1, S=4, T=10, H=2, D=6, K=4, seed=4)
+    q, kv = q.double().requires_grad_(), kv.double().requires_grad_()
+    fn = lambda a, b: cpu.SparseMLA.apply(a, b, idx, 4, 0.5)[0].double()  # noqa: E731
+    # fp32 compute inside: loose tolerances, but a wrong formula fails by orders of magnitude
+    assert torch.autograd.gradcheck(fn, (q, kv), eps=1e-3, atol=2e-3, rtol=2e-3)
+
+
+def test_sparse_mla_equals_dense_when_every_key_is_selected():
+    """With all visible keys selected, sparse MLA is dense causal MLA (both fast paths)."""
+    g = torch.Generator().manual_seed(5)
+    B, S, H, D, v = 2, 16, 3, 20, 12
+    q, kv = torch.randn(B, S, H, D, generator=g), torch.randn(B, S, D, generator=g)
+    q_pos = torch.arange(S).expand(B, S)
+    t = torch.arange(S)
+    idx = torch.where(t.view(1, 1, S) <= q_pos.unsqueeze(-1), t, -1).int()
+    out_s, lse_s = cpu.sparse_mla(q, kv, idx, v_dim=v, scale=0.3)
+    out_d, lse_d = cpu.dense_mla(q, kv, q_pos, v_dim=v, scale=0.3)
+    torch.testing.assert_close(out_s, out_d, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_s, lse_d, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_mla_matches_reference(monkeypatch):
+    monkeypatch.setattr(cpu, "DENSE_BLOCK_BYTES", 4 << 10)  # several key blocks per query chunk
+    g = torch.Generator().manual_seed(6)
+    B, S, T, H, D, v = 2, 5, 3000, 2, 16, 8
+    q, kv = torch.randn(B, S, H, D, generator=g), torch.randn(B, T, D, generator=g)
+    q_pos = torch.tensor([[0, 1, 1500, 2999, 2047], [3, 4, 5, 6, 7]])
+    q1 = q.clone().requires_grad_()
+    out, lse = cpu.dense_mla(q1, kv, q_pos, v_dim=v, scale=0.25)
+    out_r, lse_r = ref.dense_mla(q, kv, q_pos, v_dim=v, scale=0.25)
+    torch.testing.assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, lse_r, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert q1.grad is not None and torch.isfinite(q1.grad).all()
+
+
+def test_dispatch_uses_the_fast_cpu_path():
+    t = torch.zeros(1)
+    for op in ("indexer_topk", "sparse_mla", "dense_mla"):
+        assert ops.backend_for(t, op) is cpu
+
+
+# ============================================================================================ Triton kernels
+
+
+def _import_triton_ops():
+    """dsv32.ops.triton; without a GPU, under Triton's interpreter. TRITON_INTERPRET is read when triton and each
+    @triton.jit function are first imported, so it is set before the first import of triton in this process."""
+    if not torch.cuda.is_available():
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("triton was imported earlier in this process without TRITON_INTERPRET=1")
+        os.environ["TRITON_INTERPRET"] = "1"
+    pytest.importorskip("triton")
+    return importlib.import_module("dsv32.ops.triton")
+
+
+@pytest.fixture(scope="module")
+def tr():
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _import_triton_ops(), dev
+
+
+def test_triton_indexer_matches_reference(tr):
+    mod, dev = tr
+    g = torch.Generator().manual_seed(7)
+    B, S, T, HI, dI, topk = 2, 5, 90, 4, 16, 12
+    q, w = torch.randn(B, S, HI, dI, generator=g), torch.randn(B, S, HI, generator=g)
+    k = torch.randn(B, T, dI, generator=g)
+    k_scale = torch.rand(B, T, generator=g) + 0.5
+    k8 = (k / k_scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
+    q_pos = _ragged_positions(B, S, T)
+    for kk, ks in ((k, None), (k8, k_scale)):
+        scores = mod.indexer_scores(q.to(dev), w.to(dev), kk.to(dev), k_scale=None if ks is None else ks.to(dev),
+                                    q_pos=q_pos.to(dev)).cpu()
+        want = ref.indexer_scores(q, w, kk, k_scale=ks).masked_fill(~ref.causal_mask(q_pos, T), float("-inf"))
+        torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
+        got = mod.indexer_topk(q.to(dev), w.to(dev), kk.to(dev), k_scale=None if ks is None else ks.to(dev),
+                               q_pos=q_pos.to(dev), topk=topk).cpu()
+        _assert_same_selection(got, ref.indexer_topk(q, w, kk, k_scale=ks, q_pos=q_pos, topk=topk), want)
+
+
+def test_triton_sparse_mla_matches_reference(tr):
+    mod, dev = tr
+    q, kv, idx = _sparse_inputs(B=2, S=4, T=40, H=3, D=40, K=20)
+    out_r, lse_r = ref.sparse_mla(q, kv, idx, v_dim=32, scale=0.3)
+    q1, kv1 = q.clone().to(dev).requires_grad_(), kv.clone().to(dev).requires_grad_()
+    out, lse = mod.sparse_mla(q1, kv1, idx.to(dev), v_dim=32, scale=0.3)
+    torch.testing.assert_close(out.cpu(), out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.cpu(), lse_r, rtol=1e-5, atol=1e-5)
+    out.sum().backward()  # torch backward from the saved lse
+    q2, kv2 = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    ref.sparse_mla(q2, kv2, idx, v_dim=32, scale=0.3)[0].sum().backward()
+    torch.testing.assert_close(q1.grad.cpu(), q2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kv1.grad.cpu(), kv2.grad, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,313 @@
+"""Sparsify (V3.2 paper §2.1.1; training-recipe.md §1): stage-1 dense warm-up, stage-2 sparse training, recall.
+
+Tiny random models of both families; weights are scaled up so that attention and indexer scores are far from
+uniform (otherwise every KL is ~0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dsv32.config import ModelConfig
+from dsv32.llama import LlamaAttnAux, LlamaConfig, LlamaModel
+from dsv32.model import Transformer
+from dsv32.ops.reference import causal_mask, indexer_scores
+from dsv32.train import sparsify as sp
+
+
+def _scale_weights(m: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    return m
+
+
+def tiny_llama(seed: int = 0, topk: int = 8) -> LlamaModel:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000.0,
+                      index_n_heads=2, index_head_dim=16, index_rope_head_dim=8, index_topk=topk)
+    return _scale_weights(LlamaModel(cfg))
+
+
+def tiny_v32(seed: int = 0, topk: int = 8) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig.from_name("tiny").replace(index_topk=topk))
+    return _scale_weights(m, 0.15)
+
+
+FAMILIES = [pytest.param(tiny_llama, id="llama"), pytest.param(tiny_v32, id="v32")]
+
+
+def _ids(m: torch.nn.Module, B: int, S: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, m.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ stage 1
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_stage1_kl_falls_and_only_indexers_train(make) -> None:
+    m = make()
+    ind, trunk = sp.set_trainable(m, 1)
+    assert not trunk and ind and all(".indexer." in n for n in sp.indexer_params(m))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.AdamW(ind, lr=3e-3)
+    ids = _ids(m, 2, 40)
+    kls = []
+    for _ in range(8):
+        opt.zero_grad(set_to_none=True)
+        res = sp.stage1_step(m, ids, topk=8, chunk=16)
+        opt.step()
+        kls.append(res.kl)
+    assert kls[0] > 0.05, kls
+    assert kls[-1] < 0.8 * kls[0], kls
+    for n, p in m.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == (n in sp.indexer_params(m)), n
+    assert res.recall is not None and 0.0 <= res.recall <= 1.0
+    assert len(res.layers) == m.config.num_hidden_layers
+
+
+def _dense_target(aux) -> torch.Tensor:
+    """Unchunked reference: p[t] = sum_h softmax_h / ||.||_1 over causal keys -> [B,S,T]."""
+    logits = sp._main_logits(aux, slice(None)).transpose(1, 2)  # [B,S,H,T]
+    vis = causal_mask(aux.q_pos, logits.shape[-1]).unsqueeze(2)
+    A = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1).sum(2)
+    return A / A.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_stage1_chunked_kl_and_grad_match_direct(make) -> None:
+    """Chunks + leaf backward == the whole-sequence formula of eq. 3 (value and indexer gradients)."""
+    m = make()
+    ind, _ = sp.set_trainable(m, 1)
+    ids = _ids(m, 2, 24)
+    out = m.forward(ids, dense=True, return_indexer=True, compute_logits=False)
+    stats = sp.indexer_loss(out.indexer, topk=8, sparse=False, chunk=5, backward=True)
+    g_chunked = [p.grad.clone() for p in ind]
+    for p in ind:
+        p.grad = None
+    out = m.forward(ids, dense=True, return_indexer=True, compute_logits=False)
+    total = 0.0
+    for st, aux in zip(stats, out.indexer):
+        p = _dense_target(aux)
+        vis = causal_mask(aux.q_pos, p.shape[-1])
+        logq = torch.log_softmax(indexer_scores(aux.index_q, aux.index_w, aux.index_k).masked_fill(~vis, -math.inf), -1)
+        kl = (torch.xlogy(p, p) - p * logq.masked_fill(~vis, 0)).sum(-1).mean()
+        assert st.kl == pytest.approx(float(kl.detach()), rel=1e-4, abs=1e-6)
+        total = total + kl
+    total.backward()
+    for a, p in zip(g_chunked, ind):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ stage 2
+
+
+def _grads(params: list[torch.nn.Parameter]) -> float:
+    return sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_stage2_gradient_separation(make) -> None:
+    """LM loss alone reaches the trunk only; the restricted KL alone reaches the indexers only (recipe §1.2)."""
+    m = make()
+    ind, trunk = sp.set_trainable(m, 2)
+    batch = _ids(m, 2, 33)
+    m.zero_grad(set_to_none=True)
+    res = sp.stage2_step(m, batch, topk=8, kl_backward=False)
+    assert res.lm_loss is not None and _grads(trunk) > 0 and _grads(ind) == 0
+    m.zero_grad(set_to_none=True)
+    res = sp.stage2_step(m, batch, topk=8, lm_backward=False, recall=True)
+    assert _grads(ind) > 0 and _grads(trunk) == 0 and res.kl > 0
+    assert res.recall is not None and 0 < res.recall <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_stage2_restricted_kl_matches_direct(make) -> None:
+    """KL over S_t with the target rebuilt from the sparse op's lse == the same from a full softmax over S_t."""
+    m = make()
+    sp.set_trainable(m, 2)
+    ids = _ids(m, 1, 30)
+    with sp.detach_indexer_inputs(m):
+        out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
+    aux = out.indexer[0]
+    assert aux.topk_idx is not None
+    st, _ = sp.layer_kl(aux, topk=8, sparse=True, chunk=7, recall=True)
+    idx = aux.topk_idx.long()
+    valid = idx >= 0
+    logits = sp._main_logits(aux, slice(None)).transpose(1, 2)  # [B,S,H,T]
+    at = logits.gather(-1, idx.clamp_min(0).unsqueeze(2).expand(-1, -1, logits.shape[2], -1))
+    A = torch.softmax(at.masked_fill(~valid.unsqueeze(2), -math.inf), -1).sum(2)
+    p = A / A.sum(-1, keepdim=True)
+    I = indexer_scores(aux.index_q, aux.index_w, aux.index_k).gather(-1, idx.clamp_min(0))
+    logq = torch.log_softmax(I.masked_fill(~valid, -math.inf), -1).masked_fill(~valid, 0)
+    kl = (torch.xlogy(p, p) - p * logq).sum(-1).mean()
+    assert st.kl == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
+    # stage-2 recall = dense mass inside the attended set
+    vis = causal_mask(aux.q_pos, 30).unsqueeze(2)
+    dense = torch.softmax(logits.masked_fill(~vis, -math.inf), -1).mean(2)  # [B,S,T]
+    mass = dense.gather(-1, idx.clamp_min(0)).masked_fill(~valid, 0).sum(-1)
+    rows = (aux.q_pos + 1) > 8
+    assert st.recall == pytest.approx(float(mass[rows].mean()), rel=1e-4)
+
+
+def test_detach_hook_stops_kl_reaching_v32_trunk() -> None:
+    """Without the hook the V3.2 indexer's KL would reach q_a_proj (its c_q input): the hook is what detaches."""
+    m = tiny_v32()
+    ind, trunk = sp.set_trainable(m, 2)
+    ids = _ids(m, 1, 20)
+    out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
+    sp.indexer_loss(out.indexer, topk=8, sparse=True, backward=True, recall=False)
+    assert _grads(trunk) > 0  # no hook: leaks
+    m.zero_grad(set_to_none=True)
+    with sp.detach_indexer_inputs(m):
+        out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
+    sp.indexer_loss(out.indexer, topk=8, sparse=True, backward=True, recall=False)
+    assert _grads(trunk) == 0 and _grads(ind) > 0
+
+
+# ------------------------------------------------------------------------------------------ recall by hand
+
+
+def _hand_aux(selected: torch.Tensor | None) -> LlamaAttnAux:
+    """One head, T = S = 4, identity keys: main logits = L, indexer scores = J (both hand-set)."""
+    L = torch.tensor([[0.0, 0, 0, 0], [1.0, 0, 0, 0], [0.0, math.log(2), 0, 0], [0.0, math.log(3), math.log(2), 0]])
+    J = torch.tensor([[1.0, 0, 0, 0], [1.0, 2, 0, 0], [3.0, 1, 2, 0], [1.0, 4, 3, 2]])
+    eye = torch.eye(4)
+    return LlamaAttnAux(
+        index_q=J.view(1, 4, 1, 4), index_w=torch.ones(1, 4, 1), index_k=eye.view(1, 4, 4), topk_idx=selected,
+        q=L.view(1, 4, 1, 4), k=eye.view(1, 4, 1, 4), q_pos=torch.arange(4).view(1, 4), scale=1.0)
+
+
+def test_recall_hand_made() -> None:
+    """k = 2: rows 0, 1 have <= k keys and are left out. Row 2: probs (1, 2, 1)/4, indexer picks {0, 2} -> 1/2.
+    Row 3: probs (1, 3, 2, 1)/7, indexer picks {1, 2} -> 5/7. Mean over the two rows = (1/2 + 5/7) / 2."""
+    st, _ = sp.layer_kl(_hand_aux(None), topk=2, sparse=False)
+    assert st.recall_rows == 2
+    assert st.recall == pytest.approx((1 / 2 + 5 / 7) / 2, rel=1e-5)
+    # the same through the stage-2 path with a forced selection (row 3 keeps {0, 3}: 2/7)
+    sel = torch.tensor([[[0, -1], [0, 1], [0, 2], [0, 3]]], dtype=torch.int32)
+    st2, _ = sp.layer_kl(_hand_aux(sel), topk=2, sparse=True)
+    assert st2.recall == pytest.approx((1 / 2 + 2 / 7) / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ window, I/O, CLI
+
+
+def test_window_idx() -> None:
+    idx = sp.window_idx(torch.arange(10).view(1, 10), 6, sinks=4)
+    assert idx.shape == (1, 10, 6) and idx.dtype == torch.int32
+    assert idx[0, 3].tolist() == [0, 1, 2, 3, -1, -1]  # 4 keys <= k: all of them
+    assert idx[0, 5].tolist() == [0, 1, 2, 3, 4, 5]
+    assert idx[0, 6].tolist() == [0, 1, 2, 3, 5, 6]  # sinks + the last k - 4 = 2
+    assert idx[0, 9].tolist() == [0, 1, 2, 3, 8, 9]
+    with pytest.raises(ValueError):
+        sp.window_idx(torch.arange(4).view(1, 4), 4, sinks=4)
+
+
+def test_forced_window_selection_reaches_the_model() -> None:
+    m = tiny_llama()
+    ids = _ids(m, 1, 20)
+    with sp.forced_selection(sp.window_selection(4)):
+        out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
+    want = sp.window_idx(torch.arange(20).view(1, 20), 8)
+    for aux in out.indexer:
+        assert torch.equal(aux.topk_idx, want)
+
+
+def test_row_subsample_is_the_same_kl_on_those_rows() -> None:
+    m = tiny_llama()
+    sp.set_trainable(m, 1)
+    out = m.forward(_ids(m, 1, 40), dense=True, return_indexer=True, compute_logits=False)
+    rows = sp.sample_rows(40, 8, 10, seed=0, step=3)
+    assert rows is not None and len(rows) == 10 and int(rows.min()) >= 8
+    assert torch.equal(rows, torch.sort(rows).values)
+    sub, _ = sp.layer_kl(out.indexer[0], topk=8, sparse=False, rows=rows, chunk=3)
+    full, _ = sp.layer_kl(out.indexer[0], topk=8, sparse=False, rows=torch.arange(40), chunk=40)
+    per_row = []
+    for r in rows.tolist():
+        st, _ = sp.layer_kl(out.indexer[0], topk=8, sparse=False, rows=torch.tensor([r]))
+        per_row.append(st.kl)
+    assert sub.kl == pytest.approx(sum(per_row) / 10, rel=1e-4)
+    assert sub.recall_rows == 10 and full.rows == 40 and sp.sample_rows(40, 8, 0, seed=0, step=0) is None
+
+
+def test_save_load_indexers(tmp_path) -> None:
+    a, b = tiny_llama(0), tiny_llama(1)
+    path = sp.save_indexers(a, tmp_path / "ix.safetensors", extra={"steps": "3"})
+    sp.load_indexers(b, path)
+    for (n, p), q in zip(sp.indexer_params(a).items(), sp.indexer_params(b).values()):
+        assert torch.equal(p, q), n
+    b.load_indexer(path)  # LlamaModel's own reader accepts the file (metadata keys match its config)
+
+
+def test_cli_stage1_then_stage2_with_resume(tmp_path, monkeypatch) -> None:
+    """The loop end to end on preset:tiny: metrics, checkpoints, resume, indexer export, PNG."""
+    def fake_batches(args, tok):
+        g = torch.Generator().manual_seed(0)
+        data = torch.randint(0, 512, (64, args.seq_len + 1), generator=g)
+        return (lambda step: data[step % 64 : step % 64 + args.batch_size]), {"fake": True}
+
+    monkeypatch.setattr(sp, "_batches", fake_batches)
+    out1 = tmp_path / "s1"
+    base = ["--model", "preset:tiny", "--seq-len", "24", "--batch-size", "1", "--topk", "8", "--no-progress"]
+    assert sp.cli_main(["--stage", "1", *base, "--out", str(out1), "--max-steps", "2", "--save-every", "1"]) == 0
+    assert sp.cli_main(["--stage", "1", *base, "--out", str(out1), "--max-steps", "3", "--resume"]) == 0
+    recs = [json.loads(x) for x in (out1 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert {"kl", "recall", "kl_layers", "recall_layers", "lm_loss"} <= recs[0].keys()
+    assert (out1 / "indexer.safetensors").is_file()
+    pytest.importorskip("matplotlib")
+    assert (out1 / "sparsify.png").is_file()
+    out2 = tmp_path / "s2"
+    assert sp.cli_main(["--stage", "2", *base, "--out", str(out2), "--max-steps", "2", "--diag-every", "1",
+                        "--indexer", str(out1 / "indexer.safetensors"), "--lr", "1e-4"]) == 0
+    recs = [json.loads(x) for x in (out2 / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["lm_loss"] > 0 and recs[-1]["recall"] is not None
+    args = json.loads((out2 / "sparsify_args.json").read_text())
+    assert args["settings"]["stage"] == 2
+    shipped = sp.ship_indexers(out1, tmp_path / "ship", topk=64)
+    from safetensors import safe_open
+
+    with safe_open(str(shipped), "pt") as f:
+        assert f.metadata()["index_topk"] == "64"
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    prov = json.loads((tmp_path / "ship" / "PROVENANCE.json").read_text())
+    assert prov["steps"] == 3 and prov["settings"]["stage"] == 1 and prov["last_logged"]["step"] == 3
+
+
+def test_load_smollm2_dsa() -> None:
+    """The shipped default: GGUF base weights + the stage-1 indexer file (skips where either is missing)."""
+    pytest.importorskip("gguf")
+    from dsv32.llama import find_smollm2_gguf
+
+    try:
+        find_smollm2_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    if not (sp.ASSET_DIR / sp.ASSET_FILE).is_file():
+        pytest.skip("no shipped SmolLM2 indexer in this checkout")
+    m = sp.load_smollm2_dsa()
+    assert m.config.use_dsa and m.config.index_topk == 512
+    from safetensors.torch import load_file
+
+    sd = load_file(str(sp.ASSET_DIR / sp.ASSET_FILE))
+    for n, p in sp.indexer_params(m).items():
+        torch.testing.assert_close(p, sd[n].float())
+    prov = json.loads((sp.ASSET_DIR / "PROVENANCE.json").read_text())
+    assert prov["steps"] > 0 and "command" in prov["settings"]
+    ids = torch.randint(0, m.config.vocab_size, (1, 24))
+    out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
+    assert out.indexer[0].topk_idx is not None
+
+
+def test_hand_aux_namespace_is_not_mla() -> None:
+    assert not sp._is_mla(_hand_aux(None)) and sp._is_mla(SimpleNamespace(q_latent=None))
