@@ -22,7 +22,7 @@ _CACHE: dict[str, ModuleType | None] = {}
 def set_backend(name: str | None) -> None:
     """Force a backend by name ("reference", "cpu", "triton"), or None for automatic choice."""
     global _FORCED
-    if name is not None and name not in ("reference", "cpu", "triton"):
+    if name is not None and name not in ("reference", "cpu", "cpu_gqa", "triton"):
         raise ValueError(f"unknown ops backend {name!r}")
     _FORCED = name
 
@@ -38,7 +38,7 @@ def _load(name: str) -> ModuleType | None:
 
 def backend_for(t: torch.Tensor, op: str) -> ModuleType:
     """The module that implements ``op`` for tensors like ``t``."""
-    order = [_FORCED] if _FORCED else (["triton", "cpu"] if t.is_cuda else ["cpu"])
+    order = [_FORCED] if _FORCED else (["triton", "cpu", "cpu_gqa"] if t.is_cuda else ["cpu", "cpu_gqa"])
     for name in order:
         if name == "reference":
             return reference
