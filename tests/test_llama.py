@@ -211,7 +211,10 @@ def _masked_dense_forward(m: LlamaModel, ids: torch.Tensor, sel: list[torch.Tens
     return m.logits_from_hidden(m.norm(x))
 
 
-def test_sparse_forward_equals_masked_dense_and_selection_is_the_indexers():
+@pytest.mark.parametrize("prefill", ["masked", "gather"])
+def test_sparse_forward_equals_masked_dense_and_selection_is_the_indexers(prefill, monkeypatch):
+    if prefill == "gather":  # force the gathered sparse op instead of the masked-MHA prefill mode
+        monkeypatch.setattr(llama, "MASKED_PREFILL_MAX", 0)
     m = tiny_model(num_hidden_layers=2)
     ids = ids_for(m, 2, 20)
     with torch.no_grad():

@@ -188,6 +188,26 @@ def dense_gqa(
 SPARSE_CHUNK_BYTES = 256 << 20
 
 
+# Prefills whose [B,S,T] selection mask stays below this many entries run DSA as masked dense SDPA (the V3.2
+# paper's "masked MHA mode" for short prefill): the same selected keys and softmax, on the fast dense kernel.
+MASKED_PREFILL_MAX = 1 << 27
+
+
+def masked_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """Sparse attention as SDPA under a boolean mask built from ``idx``: q [B,S,H,Dh], k/v [B,T,Hkv,Dh]."""
+    B, S = idx.shape[:2]
+    T = k.shape[1]
+    cols = torch.where(idx >= 0, idx.long(), torch.full_like(idx, T, dtype=torch.long))
+    mask = torch.zeros(B, S, T + 1, dtype=torch.bool, device=q.device).scatter_(2, cols, True)[..., :T]
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale,
+        enable_gqa=True,
+    )
+    return o.transpose(1, 2)
+
+
 def sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, *, scale: float
 ) -> torch.Tensor:
@@ -198,6 +218,9 @@ def sparse_attention(
     """
     B, S, _, Dh = q.shape
     K, Hkv = idx.shape[-1], k.shape[2]
+    T = k.shape[1]
+    if S > 1 and B * S * T <= MASKED_PREFILL_MAX:
+        return masked_sparse_attention(q, k, v, idx, scale=scale)
     C = max(1, SPARSE_CHUNK_BYTES // (B * K * Hkv * 2 * Dh * 4))
     outs = [ops.sparse_gqa(q[:, s0 : s0 + C], k, v, idx[:, s0 : s0 + C], scale=scale)[0] for s0 in range(0, S, C)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
