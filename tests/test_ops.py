@@ -206,6 +206,29 @@ def test_dispatch_uses_the_fast_cpu_path():
         assert ops.backend_for(t, op) is cpu
 
 
+def test_cost_model_reproduces_the_paper_flop_count():
+    """The FLOP part of the bench's cost model gives the paper-level dense/DSA ratios (docs/benchmarks.md)."""
+    from dsv32.bench.cost import Shapes, cost_model
+    from dsv32.config import ModelConfig
+
+    s = Shapes.of(ModelConfig.from_name("deepseek-v3.2"))
+    want = {"prefill": [0.69, 0.95, 1.39, 2.02, 2.80, 3.54], "decode": [1.46, 2.40, 3.97, 6.28, 9.07, 11.76]}
+    for phase, n in (("prefill", 256), ("decode", 8)):
+        got = [cost_model(s, phase, "dense", P, n)[0] / cost_model(s, phase, "dsa", P, n)[0]
+               for P in (4096, 8192, 16384, 32768, 65536, 131072)]
+        assert [round(r, 2) for r in got] == want[phase]
+
+
+def test_bench_cli_routes_cost():
+    from dsv32.bench import cli_main
+
+    assert cli_main(["--help"]) == 0
+    assert cli_main(["nope"]) == 2
+    with pytest.raises(SystemExit) as e:
+        cli_main(["cost", "--help"])
+    assert e.value.code == 0
+
+
 # ============================================================================================ Triton kernels
 
 
@@ -222,8 +245,15 @@ def _import_triton_ops():
 
 @pytest.fixture(scope="module")
 def tr():
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return _import_triton_ops(), dev
+    """(dsv32.ops.triton, device); TRITON_INTERPRET is restored afterwards so other test modules are unaffected."""
+    before = os.environ.get("TRITON_INTERPRET")
+    try:
+        yield _import_triton_ops(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 def test_triton_indexer_matches_reference(tr):

@@ -14,9 +14,9 @@ kv_lora 512, rope 64, nope 128, v 128, indexer 64 x 128, top-k 2048), random wei
   ``Attention.forward`` with the cache, ``use_dsa=False`` (dense, absorbed form) vs ``use_dsa=True``.
 
 Each time is the median of ``--runs`` calls after one warm-up call; dense and DSA calls alternate, so both
-sides see the same background load. ``model_ratio`` comes from one FLOP-and-
-bytes model (``cost_model``; written out in docs/benchmarks.md) applied to both sides, with the machine's
-GEMM rate and memory bandwidth measured at start-up.
+sides see the same background load. ``model_ratio`` comes from one FLOP-and-bytes model (``cost_model``;
+written out in docs/benchmarks.md) applied to both sides, with the machine's GEMM rate and memory bandwidth
+measured at start-up.
 """
 
 from __future__ import annotations
