@@ -20,7 +20,51 @@ import torch
 from dsv32.quant import FP8_MAX, ue8m0_scale
 
 
-class MLACache:
+class RowCache:
+    """Row bookkeeping shared by every model family's cache: per-row lengths, default positions, overflow checks,
+    reset/truncate of slots, and the scatter-write at arbitrary positions. Subclasses own the buffers."""
+
+    max_len: int
+    lengths: torch.Tensor  # [B] tokens held per row
+
+    def positions_for(self, seq_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Default positions of ``seq_len`` new tokens appended to each row -> [B', S]."""
+        lens = self.lengths if rows is None else self.lengths[rows]
+        return lens.unsqueeze(1) + torch.arange(seq_len, device=lens.device).unsqueeze(0)
+
+    def check_positions(self, positions: torch.Tensor) -> None:
+        if positions.numel() and int(positions.max()) >= self.max_len:
+            raise ValueError(
+                f"cache overflow: position {int(positions.max())} >= max_len {self.max_len} of this cache"
+            )
+
+    def advance(self, positions: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Record that tokens at ``positions`` [B', S] were written: length = max(length, last + 1)."""
+        new = positions.max(dim=1).values + 1
+        if rows is None:
+            self.lengths = torch.maximum(self.lengths, new)
+        else:
+            self.lengths[rows] = torch.maximum(self.lengths[rows], new)
+
+    def reset(self, rows: int | list[int] | torch.Tensor | None = None) -> None:
+        """Forget the contents of some rows (all when None); buffers are reused, not freed."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
+
+    def truncate(self, row: int, length: int) -> None:
+        """Keep only the first ``length`` tokens of ``row`` (e.g. after padded prefill or a rejected draft)."""
+        self.lengths[row] = min(int(self.lengths[row]), length)
+
+    @staticmethod
+    def _write(buf: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None):
+        B, S = positions.shape
+        r = torch.arange(B, device=buf.device) if rows is None else rows
+        buf[r.unsqueeze(1).expand(B, S), positions] = new.to(buf.dtype)
+
+
+class MLACache(RowCache):
     """Static buffers created by ``Transformer.new_cache``; the engine uses only the public methods."""
 
     def __init__(
@@ -54,49 +98,13 @@ class MLACache:
             self.index_scale = None
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] tokens held per row
 
-    # ------------------------------------------------------------------ bookkeeping
     def nbytes(self) -> int:
         n = sum(t.numel() * t.element_size() for t in self.kv + self.index_k)
         if self.index_scale is not None:
             n += sum(t.numel() * t.element_size() for t in self.index_scale)
         return n
 
-    def positions_for(self, seq_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Default positions of ``seq_len`` new tokens appended to each row -> [B', S]."""
-        lens = self.lengths if rows is None else self.lengths[rows]
-        return lens.unsqueeze(1) + torch.arange(seq_len, device=lens.device).unsqueeze(0)
-
-    def check_positions(self, positions: torch.Tensor) -> None:
-        if positions.numel() and int(positions.max()) >= self.max_len:
-            raise ValueError(
-                f"cache overflow: position {int(positions.max())} >= max_len {self.max_len} of this cache"
-            )
-
-    def advance(self, positions: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Record that tokens at ``positions`` [B', S] were written: length = max(length, last + 1)."""
-        new = positions.max(dim=1).values + 1
-        if rows is None:
-            self.lengths = torch.maximum(self.lengths, new)
-        else:
-            self.lengths[rows] = torch.maximum(self.lengths[rows], new)
-
-    def reset(self, rows: int | list[int] | torch.Tensor | None = None) -> None:
-        """Forget the contents of some rows (all when None); buffers are reused, not freed."""
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
-
-    def truncate(self, row: int, length: int) -> None:
-        """Keep only the first ``length`` tokens of ``row`` (e.g. after padded prefill or a rejected draft)."""
-        self.lengths[row] = min(int(self.lengths[row]), length)
-
     # ------------------------------------------------------------------ per-layer write / read
-    def _write(self, buf: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None):
-        B, S = positions.shape
-        r = torch.arange(B, device=buf.device) if rows is None else rows
-        buf[r.unsqueeze(1).expand(B, S), positions] = new.to(buf.dtype)
-
     def update(
         self,
         layer: int,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv32 import ops
+from dsv32.cache import RowCache
 from dsv32.model import MLP, ForwardOutput, FP32LayerNorm, RMSNorm, apply_rope_half, rope_cos_sin
 from dsv32.tokenizer import Tokenizer
 
@@ -323,7 +324,7 @@ class LlamaBlock(nn.Module):
 # ======================================================================================== cache
 
 
-class LlamaCache:
+class LlamaCache(RowCache):
     """Per-layer K/V (per KV head) and indexer keys; the same public methods as ``dsv32.cache.MLACache``.
 
     Legend: L layers, B slots (rows), T max tokens. Buffers: k/v [B,T,Hkv,Dh] (model dtype), index_k [B,T,dI]
@@ -352,46 +353,8 @@ class LlamaCache:
         ]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] tokens held per row
 
-    # ------------------------------------------------------------------ bookkeeping (as MLACache)
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v + self.index_k)
-
-    def positions_for(self, seq_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Default positions of ``seq_len`` new tokens appended to each row -> [B', S]."""
-        lens = self.lengths if rows is None else self.lengths[rows]
-        return lens.unsqueeze(1) + torch.arange(seq_len, device=lens.device).unsqueeze(0)
-
-    def check_positions(self, positions: torch.Tensor) -> None:
-        if positions.numel() and int(positions.max()) >= self.max_len:
-            raise ValueError(
-                f"cache overflow: position {int(positions.max())} >= max_len {self.max_len} of this cache"
-            )
-
-    def advance(self, positions: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Record that tokens at ``positions`` [B', S] were written: length = max(length, last + 1)."""
-        new = positions.max(dim=1).values + 1
-        if rows is None:
-            self.lengths = torch.maximum(self.lengths, new)
-        else:
-            self.lengths[rows] = torch.maximum(self.lengths[rows], new)
-
-    def reset(self, rows: int | list[int] | torch.Tensor | None = None) -> None:
-        """Forget the contents of some rows (all when None); buffers are reused, not freed."""
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
-
-    def truncate(self, row: int, length: int) -> None:
-        """Keep only the first ``length`` tokens of ``row`` (e.g. after padded prefill or a rejected draft)."""
-        self.lengths[row] = min(int(self.lengths[row]), length)
-
-    # ------------------------------------------------------------------ per-layer write / read
-    @staticmethod
-    def _write(buf: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None) -> None:
-        B, S = positions.shape
-        r = torch.arange(B, device=buf.device) if rows is None else rows
-        buf[r.unsqueeze(1).expand(B, S), positions] = new.to(buf.dtype)
 
     def update(
         self,
