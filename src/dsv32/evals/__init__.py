@@ -167,16 +167,10 @@ def masked_sparse_gqa(
 ) -> tuple[torch.Tensor, None]:
     """``ops.sparse_gqa``'s output computed as SDPA under a boolean mask built from ``idx`` (same keys, same
     softmax; no lse). On CPU at evaluation lengths the masked dense kernel is several times faster than the
-    reference gather, which has no fast CPU path yet. q [B,S,H,D], k/v [B,T,Hkv,D], idx [B,S,K] -> out."""
-    import torch.nn.functional as F
+    chunked gather. q [B,S,H,D], k/v [B,T,Hkv,D], idx [B,S,K] -> out."""
+    from dsv32.llama import masked_sparse_attention
 
-    B, S = idx.shape[:2]
-    T = k.shape[1]
-    cols = torch.where(idx >= 0, idx.long(), torch.full_like(idx, T, dtype=torch.long))
-    mask = torch.zeros(B, S, T + 1, dtype=torch.bool, device=q.device).scatter_(2, cols, True)[..., :T]
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
-    return o.transpose(1, 2).to(q.dtype), None
+    return masked_sparse_attention(q, k, v, idx, scale=scale).to(q.dtype), None
 
 
 @contextmanager

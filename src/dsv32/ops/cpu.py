@@ -264,42 +264,50 @@ def sparse_mla_backward(
     return dq.view(B, S, H, D), dkv.view(B, T, D)
 
 
-class SparseMLA(torch.autograd.Function):
-    """Sparse MLA with a hand-written backward that saves (q, kv, idx, out, lse), not the probabilities."""
+def make_sparse_mla(forward_fn):
+    """A differentiable ``sparse_mla`` around a forward ``forward_fn(q, kv, idx, v_dim, scale) -> (out, lse)``.
 
-    @staticmethod
-    def forward(ctx, q, kv, idx, v_dim: int, scale: float):  # type: ignore[override]
-        out, lse = sparse_mla_forward(q, kv, idx, v_dim, scale)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, kv, idx, out, lse)
-        ctx.v_dim, ctx.scale = v_dim, scale
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dlse):  # type: ignore[override]
-        q, kv, idx, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dkv = sparse_mla_backward(q, kv, idx, out, lse, dout, dlse, ctx.v_dim, ctx.scale)
-        return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None
-
-
-def sparse_mla(
-    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, *, v_dim: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse attention in MLA's absorbed form over gathered latent rows; differentiable in q and kv.
-
-    q [B,S,H,D], kv [B,T,D], idx [B,S,K] (-1 = empty) -> out [B,S,H,Dv] (q's dtype; zeros for a row with no
-    valid key), lse [B,S,H] fp32 (natural log; -inf for such rows).
+    The backward is always the chunked torch one (``sparse_mla_backward``), which recomputes the probabilities
+    from the saved lse; the CPU path and the Triton forward share it.
     """
-    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        return SparseMLA.apply(q, kv, idx, v_dim, scale)
-    out, lse = sparse_mla_forward(q, kv, idx, v_dim, scale)
-    return out.to(q.dtype), lse
+
+    class SparseMLA(torch.autograd.Function):
+        """Sparse MLA with a hand-written backward that saves (q, kv, idx, out, lse), not the probabilities."""
+
+        @staticmethod
+        def forward(ctx, q, kv, idx, v_dim: int, scale: float):  # type: ignore[override]
+            out, lse = forward_fn(q, kv, idx, v_dim, scale)
+            out = out.to(q.dtype)
+            ctx.save_for_backward(q, kv, idx, out, lse)
+            ctx.v_dim, ctx.scale = v_dim, scale
+            return out, lse
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, dout, dlse):  # type: ignore[override]
+            q, kv, idx, out, lse = ctx.saved_tensors
+            if dout is None:
+                dout = torch.zeros_like(out)
+            dq, dkv = sparse_mla_backward(q, kv, idx, out, lse, dout, dlse, ctx.v_dim, ctx.scale)
+            return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None
+
+    def sparse_mla(
+        q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, *, v_dim: int, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse attention in MLA's absorbed form over gathered latent rows; differentiable in q and kv.
+
+        q [B,S,H,D], kv [B,T,D], idx [B,S,K] (-1 = empty) -> out [B,S,H,Dv] (q's dtype; zeros for a row with no
+        valid key), lse [B,S,H] fp32 (natural log; -inf for such rows). Same contract as ``reference.sparse_mla``.
+        """
+        if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+            return SparseMLA.apply(q, kv, idx, v_dim, scale)
+        out, lse = forward_fn(q, kv, idx, v_dim, scale)
+        return out.to(q.dtype), lse
+
+    return SparseMLA, sparse_mla
 
 
-# ============================================================================================ dense MLA
+SparseMLA, sparse_mla = make_sparse_mla(sparse_mla_forward)
 
 
 def dense_mla(

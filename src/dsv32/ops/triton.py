@@ -223,32 +223,8 @@ def sparse_mla_forward(
     return out.view(B, S, H, v_dim), lse.view(B, S, H)
 
 
-class SparseMLA(torch.autograd.Function):
-    """Triton forward; chunked torch backward recomputing from the saved lse (``cpu.sparse_mla_backward``)."""
-
-    @staticmethod
-    def forward(ctx, q, kv, idx, v_dim: int, scale: float):  # type: ignore[override]
-        out, lse = sparse_mla_forward(q, kv, idx, v_dim, scale)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, kv, idx, out, lse)
-        ctx.v_dim, ctx.scale = v_dim, scale
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):  # type: ignore[override]
-        q, kv, idx, out, lse = ctx.saved_tensors
-        dq, dkv = cpu.sparse_mla_backward(q, kv, idx, out, lse, dout, dlse, ctx.v_dim, ctx.scale)
-        return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None
-
-
-def sparse_mla(
-    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, *, v_dim: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``reference.sparse_mla`` (absorbed form, -1 slots, differentiable in q and kv)."""
-    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        return SparseMLA.apply(q, kv, idx, v_dim, scale)
-    out, lse = sparse_mla_forward(q, kv, idx, v_dim, scale)
-    return out.to(q.dtype), lse
+# Triton forward; the chunked torch backward recomputing from the saved lse (``cpu.sparse_mla_backward``).
+SparseMLA, sparse_mla = cpu.make_sparse_mla(sparse_mla_forward)
 
 
 __all__ = ["indexer_scores", "indexer_topk", "sparse_mla", "sparse_mla_forward", "supports"]
