@@ -32,6 +32,7 @@ from dsv32.train.losses import (
     update_router_bias,
 )
 from dsv32.train.trainer import cli_main, flops_per_token, lr_at, param_groups
+from train_fixtures import prepare_word_corpus
 
 # Flags every run here shares: a tiny batch, one thread (runs are compared across processes), quiet.
 COMMON = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--threads", "1", "--lr", "3e-3",
@@ -39,31 +40,10 @@ COMMON = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--threads
 COMPARED = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "val_loss")
 
 
-class ByteTok:
-    """Bytes -> ids 2..257 with BOS 0 / EOS 1, inside the tiny preset's 512-entry vocabulary."""
-
-    name, vocab_size, bos_id, eos_id = "bytes", 512, 0, 1
-
-    def encode(self, text: str) -> list[int]:
-        return [2 + b for b in text.encode()]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i - 2 for i in ids if i >= 2).decode(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dsv32.data import prepare
-
-    root = tmp_path_factory.mktemp("train_data")
-    rng = random.Random(0)
-    words = "the cat sat on a mat while dogs ran far away from home and back again".split()
-    (root / "text").mkdir()
-    for k in range(20):
-        (root / "text" / f"doc{k}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)) + "\n")
-    prepare(root / "data", texts=[root / "text"], tokenizer=ByteTok(), val_fraction=0.1, progress=False,
-            log=lambda m: None)
-    return root / "data"
+    words = "the cat sat on a mat while dogs ran far away from home and back again"
+    return prepare_word_corpus(tmp_path_factory.mktemp("train_data"), words, n_docs=20, seed=0, val_fraction=0.1)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,35 +13,17 @@ import pytest
 import torch
 
 from dsv32.train import checkpointing as ckpt
+from train_fixtures import prepare_word_corpus
 
 FLAGS = ["--preset", "tiny", "--seq-len", "32", "--threads", "1", "--lr", "3e-3", "--warmup", "2",
          "--max-steps", "6", "--save-every", "3", "--eval-every", "3", "--no-progress", "--peak-flops", "1e10",
          "--no-export"]
 
 
-class ByteTok:
-    name, vocab_size, bos_id, eos_id = "bytes", 512, 0, 1
-
-    def encode(self, text: str) -> list[int]:
-        return [2 + b for b in text.encode()]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i - 2 for i in ids if i >= 2).decode(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dsv32.data import prepare
-
-    root = tmp_path_factory.mktemp("ddp_data")
-    rng = random.Random(1)
-    words = "one two three four five six seven eight nine ten red green blue".split()
-    (root / "text").mkdir()
-    for k in range(16):
-        (root / "text" / f"d{k}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)) + "\n")
-    prepare(root / "data", texts=[root / "text"], tokenizer=ByteTok(), val_fraction=0.15, progress=False,
-            log=lambda m: None)
-    return root / "data"
+    words = "one two three four five six seven eight nine ten red green blue"
+    return prepare_word_corpus(tmp_path_factory.mktemp("ddp_data"), words, n_docs=16, seed=1, val_fraction=0.15)
 
 
 def _run(cmd: list[str]) -> None:

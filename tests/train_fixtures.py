@@ -1,0 +1,32 @@
+"""Shared test data for the trainer tests: a byte tokenizer and a small prepared word corpus."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+
+class ByteTok:
+    """Bytes -> ids 2..257 with BOS 0 / EOS 1, inside the tiny preset's 512-entry vocabulary."""
+
+    name, vocab_size, bos_id, eos_id = "bytes", 512, 0, 1
+
+    def encode(self, text: str) -> list[int]:
+        return [2 + b for b in text.encode()]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 2 for i in ids if i >= 2).decode(errors="replace")
+
+
+def prepare_word_corpus(root: Path, words: str, *, n_docs: int, seed: int, val_fraction: float) -> Path:
+    """``n_docs`` documents of 300 random words, prepared with ``dsv32.data.prepare`` -> the data directory."""
+    from dsv32.data import prepare
+
+    rng = random.Random(seed)
+    vocab = words.split()
+    (root / "text").mkdir()
+    for k in range(n_docs):
+        (root / "text" / f"doc{k}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(300)) + "\n")
+    prepare(root / "data", texts=[root / "text"], tokenizer=ByteTok(), val_fraction=val_fraction, progress=False,
+            log=lambda m: None)
+    return root / "data"
