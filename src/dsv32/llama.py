@@ -321,6 +321,21 @@ class LlamaBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+@torch.no_grad()
+def copy_exact(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], *, where: str) -> None:
+    """Copy ``sd`` into the tensors ``own`` in place; the key sets and every shape must match exactly.
+
+    Raises KeyError naming missing/unexpected keys and ValueError naming a mis-shaped one (``where`` prefixes both).
+    """
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    if missing or unexpected:
+        raise KeyError(f"{where}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for k, t in own.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise ValueError(f"{where}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
+        t.copy_(sd[k])
+
+
 # ======================================================================================== cache
 
 
@@ -465,14 +480,7 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def load_indexer_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load indexer parameters; the key set and every shape must match exactly."""
-        own = self.indexer_state_dict()
-        missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
-        if missing or unexpected:
-            raise KeyError(f"indexer state dict: missing {missing[:4]}, unexpected {unexpected[:4]}")
-        for k, t in own.items():
-            if tuple(sd[k].shape) != tuple(t.shape):
-                raise ValueError(f"indexer state dict: {k} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
-            t.copy_(sd[k])
+        copy_exact(self.indexer_state_dict(), sd, where="indexer state dict")
 
     def save_indexer(self, path: str | Path) -> Path:
         """Write the indexers to a safetensors file, with their shape settings in its metadata."""

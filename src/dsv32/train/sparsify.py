@@ -441,15 +441,9 @@ def load_indexers(model: nn.Module, path: str | Path) -> None:
     """Load ``save_indexers``'s file (exact key set and shapes)."""
     from safetensors.torch import load_file
 
-    sd = load_file(str(path))
-    own = indexer_params(model)
-    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
-    if missing or unexpected:
-        raise KeyError(f"{path}: indexer tensors do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for n, p in own.items():
-        if tuple(sd[n].shape) != tuple(p.shape):
-            raise ValueError(f"{path}: {n} has shape {tuple(sd[n].shape)}, the model {tuple(p.shape)}")
-        p.copy_(sd[n])
+    from dsv32.llama import copy_exact
+
+    copy_exact(indexer_params(model), load_file(str(path)), where=f"{path}: indexer tensors")
 
 
 def ship_indexers(run_dir: str | Path, dest: str | Path = ASSET_DIR, *, topk: int = 512,
