@@ -207,6 +207,29 @@ def test_gathered_sparse_attention_equals_masked_dense_values_and_grads():
     assert torch.allclose(p.sum(-1), torch.ones(H), atol=1e-5)
 
 
+def test_masked_mha_form_equals_gathered_dsa_values_and_grads():
+    """The paper's masked-MHA mode (dense SDPA under the top-k mask) = the gathered absorbed form."""
+    m = make_model()
+    ids = ids_for(m, 2, 40)  # index_topk 16 < 40: rows past 16 are sparse
+    outs, grads = [], []
+    for form in ("masked", "absorbed"):
+        m.zero_grad()
+        logits = m.forward(ids, form=form)
+        (logits.square().mean()).backward()
+        outs.append(logits.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert rel(outs[0], outs[1]) < 1e-5
+    assert rel(grads[0], grads[1]) < 1e-4
+    # "auto" picks the masked form under masked_mha_max_len, with the same result; chunked prefill too
+    m.config.masked_mha_max_len = 64
+    with torch.no_grad():
+        assert rel(m.forward(ids), outs[1]) < 1e-5
+        cache = m.new_cache(2, 48)
+        chunks = [m.forward(ids[:, s : s + 13], cache=cache) for s in range(0, 40, 13)]
+        assert rel(torch.cat(chunks, 1), outs[1]) < 1e-5
+    m.config.masked_mha_max_len = 0
+
+
 def test_indexer_topk_rules():
     torch.manual_seed(0)
     B, S, T = 1, 6, 6

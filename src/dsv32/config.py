@@ -93,8 +93,11 @@ class ModelConfig:
     indexer_hadamard: bool = False  # rotate indexer q/k by the orthonormal Hadamard matrix (reference does)
     indexer_fp8: bool = False  # simulate e4m3 quantisation of indexer q/k with UE8M0 128-block scales
     mla_cache_fp8: bool = False  # simulate the reference's FP8 round-trip of c_kv before caching
+    # DSA over at most this many context keys (S > 1 queries) runs as dense MHA under the top-k mask (the
+    # paper's "masked MHA mode" for short prefill): same selection and softmax, dense cost, no gather; 0 = off
+    masked_mha_max_len: int = 0
 
-    _OURS = ("use_dsa", "indexer_hadamard", "indexer_fp8", "mla_cache_fp8")
+    _OURS = ("use_dsa", "indexer_hadamard", "indexer_fp8", "mla_cache_fp8", "masked_mha_max_len")
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -313,6 +316,7 @@ def _small() -> ModelConfig:
         index_n_heads=4,
         index_head_dim=32,
         index_topk=256,
+        masked_mha_max_len=2048,  # training at 1024-2048 tokens: masked MHA beats gathering (docs/training.md)
         num_nextn_predict_layers=1,
         max_position_embeddings=131072,
         rope_scaling={

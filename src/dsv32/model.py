@@ -255,18 +255,22 @@ class Attention(nn.Module):
         # --- DSA selection: only needed when some query sees more than k keys
         k_sel = topk if topk is not None else self.cfg.index_topk
         need_sparse = use_dsa and int(positions.max()) + 1 > k_sel
-        idx = None
-        if need_sparse:
-            idx = ops.indexer_topk(iq, iw, ik_ctx, k_scale=ik_scale, q_pos=positions, topk=k_sel)  # [B,S,K]
-        # --- attention
         if form == "auto":
-            form = "absorbed" if (need_sparse or (cache is not None and S == 1)) else "mha"
+            if need_sparse and S > 1 and T <= self.cfg.masked_mha_max_len:
+                form = "masked"
+            else:
+                form = "absorbed" if (need_sparse or (cache is not None and S == 1)) else "mha"
+        idx = None
+        if need_sparse:  # [B,S,K]; a mask needs only the set, not the canonical order
+            idx = ops.indexer_topk(iq, iw, ik_ctx, k_scale=ik_scale, q_pos=positions, topk=k_sel,
+                                   ordered=form != "masked")
+        # --- attention
         w_uk, w_uv = self._w_uk_uv()
         q_lat = None
-        if form == "mha":
-            if idx is not None:
-                raise ValueError("form='mha' with sparse selection: use the absorbed form (or masked dense)")
-            o = self._mha(q_nope, q_pe, latent_ctx, positions, T)  # [B,S,H,Dv]
+        if form in ("mha", "masked"):
+            if idx is not None and form == "mha":
+                raise ValueError("form='mha' with sparse selection: use form='absorbed' or 'masked'")
+            o = self._mha(q_nope, q_pe, latent_ctx, positions, T, idx)  # [B,S,H,Dv]
         else:
             q_lat = torch.cat([torch.einsum("bshn,hnl->bshl", q_nope, w_uk), q_pe], dim=-1)  # [B,S,H,Dl+R]
             if idx is not None:
@@ -284,9 +288,19 @@ class Attention(nn.Module):
         return out, aux
 
     def _mha(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent_ctx: torch.Tensor, positions: torch.Tensor, T: int
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        latent_ctx: torch.Tensor,
+        positions: torch.Tensor,
+        T: int,
+        idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Dense MHA form: expand the context latents to per-head K/V and run SDPA. Returns [B,S,H,Dv]."""
+        """Dense MHA form: expand the context latents to per-head K/V and run SDPA. Returns [B,S,H,Dv].
+
+        With ``idx`` [B,S,K] (DSA selection, -1 = empty) each query sees only its selected keys: masked MHA,
+        equal to the gathered absorbed form (tested) at dense cost — cheaper than gathering for short contexts.
+        """
         B, S, H, _ = q_nope.shape
         kv = self.kv_b_proj(latent_ctx[..., : self.kv_rank]).view(B, T, H, self.nope + self.v_dim)
         k_nope, v = kv[..., : self.nope], kv[..., self.nope :]
@@ -298,7 +312,12 @@ class Attention(nn.Module):
         if self.v_dim < Dqk:  # equal head dims let SDPA use its flash kernel (CPU too) instead of the math one
             v = F.pad(v, (0, Dqk - self.v_dim))
         trivially_causal = S == T and bool((positions == torch.arange(S, device=positions.device)).all())
-        if trivially_causal:
+        if idx is not None:
+            sel = torch.zeros(B, S, T + 1, dtype=torch.bool, device=q.device)  # column T catches the -1 slots
+            sel.scatter_(2, torch.where(idx < 0, T, idx).long(), True)
+            mask = sel[..., :T].unsqueeze(1)  # [B,1,S,T]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        elif trivially_causal:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             mask = ops.reference.causal_mask(positions, T).unsqueeze(1)  # [B,1,S,T]
@@ -609,7 +628,7 @@ class Transformer(nn.Module):
 
         cache/positions: with a cache, tokens are written at ``positions`` [B,S] (default: appended after each
         row's length); ``cache_rows`` [B] maps input rows to cache slots. ``dense`` turns DSA off for this call;
-        ``topk`` overrides ``index_topk``; ``form`` forces "mha" or "absorbed" attention (tests).
+        ``topk`` overrides ``index_topk``; ``form`` forces "mha", "masked" (DSA as masked MHA) or "absorbed".
         ``forced_routes`` replays recorded MoE routes (RL "Keep Routing"); MTP routes come last.
         """
         B, S = input_ids.shape

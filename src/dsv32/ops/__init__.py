@@ -48,8 +48,11 @@ def backend_for(t: torch.Tensor, op: str) -> ModuleType:
     return reference
 
 
-def indexer_topk(q, w, k, *, k_scale=None, q_pos, topk):
-    return backend_for(q, "indexer_topk").indexer_topk(q, w, k, k_scale=k_scale, q_pos=q_pos, topk=topk)
+def indexer_topk(q, w, k, *, k_scale=None, q_pos, topk, ordered=True):
+    """``ordered=False``: the same selected set in unspecified order (for masked attention)."""
+    return backend_for(q, "indexer_topk").indexer_topk(
+        q, w, k, k_scale=k_scale, q_pos=q_pos, topk=topk, ordered=ordered
+    )
 
 
 def sparse_mla(q, kv, idx, *, v_dim, scale):

@@ -83,13 +83,14 @@ def _indexer_scores_chunk(
     return out
 
 
-def select_topk(scores: torch.Tensor, n_visible: torch.Tensor, topk: int) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, n_visible: torch.Tensor, topk: int, ordered: bool = True) -> torch.Tensor:
     """Deterministic top-k of each row: scores [R,T] (-inf where invisible), n_visible [R] -> [R,topk] int32.
 
     Same result as the reference's stable descending sort, for the price of one ``torch.topk``: ``topk`` is
     asked for k+1 values, and only a row whose (k+1)-th value equals its k-th (a tie across the boundary, where
     ``topk`` may pick any of the tied keys) is redone by position. The k picks are then put in (score desc,
-    position asc) order. Slots at rank >= n_visible become -1.
+    position asc) order (``ordered=False`` skips that: same set, order unspecified — masked attention needs only
+    the set). Slots at rank >= n_visible become -1.
     """
     R, T = scores.shape
     k = min(topk, T)
@@ -106,10 +107,16 @@ def select_topk(scores: torch.Tensor, n_visible: torch.Tensor, topk: int) -> tor
             n_tied_needed = k - above.sum(-1, keepdim=True)  # [A,1]
             keep = above | (tied & (tied.cumsum(-1) <= n_tied_needed))  # exactly k per row, lowest tied positions
             idx[ambiguous] = keep.nonzero()[:, 1].view(-1, k)
-    # canonical order: by position, then a stable sort by descending score
-    idx = idx.sort(dim=-1).values
-    order = scores.gather(-1, idx).sort(dim=-1, descending=True, stable=True).indices
-    idx = idx.gather(-1, order)
+    # canonical order (score desc, position asc): topk's order already is, except inside runs of equal scores,
+    # so only rows holding a tie (or redone above) pay for the two sorts
+    redo = (vals[:, 1:k] == vals[:, : k - 1]).any(-1) if ordered else vals.new_zeros(R, dtype=torch.bool)  # [R]
+    if T > k and ambiguous.numel():
+        redo[ambiguous] = True
+    rows = redo.nonzero().squeeze(-1)
+    if rows.numel():
+        sub = idx[rows].sort(dim=-1).values
+        order = scores[rows].gather(-1, sub).sort(dim=-1, descending=True, stable=True).indices
+        idx[rows] = sub.gather(-1, order)
     rank = torch.arange(k, device=idx.device)
     idx = torch.where(rank < n_visible.unsqueeze(-1), idx, -1).to(torch.int32)
     if k < topk:
@@ -126,6 +133,7 @@ def indexer_topk(
     q_pos: torch.Tensor,
     topk: int,
     chunk: int | None = None,
+    ordered: bool = True,
 ) -> torch.Tensor:
     """Top-k key positions per query by lightning-indexer score (paper eq. 1), ties to the lower position.
 
@@ -152,7 +160,7 @@ def indexer_topk(
             tail = scores[..., t_lo:]  # [B,C,T_eff-t_lo]
             tail.masked_fill_(keys[t_lo:T_eff].view(1, 1, -1) > pos.unsqueeze(-1), float("-inf"))
         n_visible = (pos + 1).clamp(0, T_eff)  # [B,C]
-        idx = select_topk(scores.view(-1, T_eff), n_visible.reshape(-1), topk)  # [B*C, topk]
+        idx = select_topk(scores.view(-1, T_eff), n_visible.reshape(-1), topk, ordered)  # [B*C, topk]
         out[:, s0:s1] = idx.view(B, s1 - s0, topk)
     return out
 

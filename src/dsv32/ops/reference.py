@@ -65,11 +65,13 @@ def indexer_topk(
     q_pos: torch.Tensor,
     topk: int,
     chunk: int = DEFAULT_QUERY_CHUNK,
+    ordered: bool = True,
 ) -> torch.Tensor:
     """Top-k key positions per query by indexer score, computed ``chunk`` queries at a time.
 
     q [B,S,HI,dI], w [B,S,HI], k [B,T,dI], q_pos [B,S] -> idx [B,S,topk] int32, -1 where fewer than
-    ``topk`` keys are visible. Never builds the whole [S,T] score tensor for long inputs.
+    ``topk`` keys are visible. Never builds the whole [S,T] score tensor for long inputs. ``ordered`` is part of
+    the common interface; the reference always returns the canonical (score desc, position asc) order.
     """
     B, S = q.shape[:2]
     T = k.shape[1]

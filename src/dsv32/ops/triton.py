@@ -126,6 +126,7 @@ def indexer_topk(
     q_pos: torch.Tensor,
     topk: int,
     chunk: int | None = None,
+    ordered: bool = True,
 ) -> torch.Tensor:
     """Same contract as ``reference.indexer_topk``; scores from the Triton kernel, [C,T] per query chunk."""
     B, S = q.shape[:2]
@@ -142,7 +143,7 @@ def indexer_topk(
             continue
         scores = indexer_scores(q[:, s0:s1], w[:, s0:s1], k, k_scale=k_scale, q_pos=pos, T=T_eff)  # [B,C,T_eff]
         n_visible = (pos + 1).clamp(0, T_eff)
-        out[:, s0:s1] = cpu.select_topk(scores.view(-1, T_eff), n_visible.reshape(-1), topk).view(B, -1, topk)
+        out[:, s0:s1] = cpu.select_topk(scores.view(-1, T_eff), n_visible.reshape(-1), topk, ordered).view(B, -1, topk)
     return out
 
 

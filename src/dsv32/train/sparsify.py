@@ -394,7 +394,7 @@ def window_idx(q_pos: torch.Tensor, k: int, sinks: int = 4) -> torch.Tensor:
 
 @contextmanager
 def forced_selection(select: Callable[..., torch.Tensor]) -> Iterator[None]:
-    """Route every DSA top-k selection through ``select(q, w, k, *, k_scale, q_pos, topk) -> idx`` instead of
+    """Route every DSA top-k selection through ``select(q, w, k, *, k_scale, q_pos, topk, ordered) -> idx`` instead of
     the indexer (e.g. a sliding window): the models call ``dsv32.ops.indexer_topk``, so attention still runs
     through the same sparse op with the forced idx."""
     saved = ops.indexer_topk
@@ -408,7 +408,7 @@ def forced_selection(select: Callable[..., torch.Tensor]) -> Iterator[None]:
 def window_selection(sinks: int = 4) -> Callable[..., torch.Tensor]:
     """A ``forced_selection`` function: sinks + the most recent keys, ignoring the indexer's scores."""
     def select(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, *, k_scale: Any = None, q_pos: torch.Tensor,
-               topk: int) -> torch.Tensor:
+               topk: int, ordered: bool = True) -> torch.Tensor:
         return window_idx(q_pos, topk, sinks)
 
     return select
