@@ -229,6 +229,28 @@ def test_bench_cli_routes_cost():
     assert e.value.code == 0
 
 
+def test_bench_serve_and_peers_smoke(tmp_path, capsys):
+    """`dsv32 bench serve --quick` (our engine, tiny model) and `bench peers` (ours vs HF, tiny) run end to end."""
+    import json
+
+    from dsv32.bench import cli_main
+
+    out = tmp_path / "serve.json"
+    assert cli_main(["serve", "--quick", "--prompt-len", "24", "--new-tokens", "6", "--requests", "4",
+                     "--concurrency", "1", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["system"], r["concurrency"], r["new_tokens"]) for r in res["rows"]] == [
+        ("dsv32 engine", 1, 24), ("dsv32 engine", 4, 24)]
+    assert res["follow_up"]["reuse_cached_tokens"] > 0 and res["follow_up"]["no_reuse_cached_tokens"] == 0
+    out = tmp_path / "peers.json"
+    assert cli_main(["peers", "--preset", "tiny", "--layers", "2", "--lengths", "40", "--decode-tokens", "2",
+                     "--threads", "1", "--json", str(out)]) == 0
+    points = json.loads(out.read_text())["points"]
+    assert {(p["system"], p["phase"]) for p in points if "error" not in p} == {
+        ("dsv32", "prefill"), ("hf", "prefill"), ("dsv32", "decode"), ("hf", "decode")}
+    assert all(p["peak_rss_gb"] > 0 for p in points)
+
+
 # ============================================================================================ Triton kernels
 
 

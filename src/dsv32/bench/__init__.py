@@ -1,4 +1,4 @@
-"""`dsv32 bench <name>`: benchmarks, one module each (cost: the paper's Figure 3; train and serve: their issues).
+"""`dsv32 bench <name>`: benchmarks, one module each (cost: the paper's Figure 3; peers: whole-model long context vs HF; train, serve).
 
 Subcommands are imported lazily, so a benchmark whose module or optional dependency is missing only affects
 itself.
@@ -13,7 +13,8 @@ import sys
 BENCHES: dict[str, tuple[str, str]] = {
     "cost": ("dsv32.bench.cost:main", "one layer's attention cost, dense MLA vs DSA, by position (Fig. 3)"),
     "train": ("dsv32.bench.train:main", "training throughput"),
-    "serve": ("dsv32.bench.serve:main", "serving throughput and latency"),
+    "serve": ("dsv32.bench.serve:main", "serving throughput and latency vs HF generate and llama.cpp"),
+    "peers": ("dsv32.bench.peers:main", "long-context prefill/decode and memory vs HF transformers' V3.2"),
 }
 
 
