@@ -128,10 +128,10 @@ class MLACache(RowCache):
     def read(
         self, layer: int, T: int, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The first T positions -> (kv [B',T,Dl], index_k [B',T,dI], index_scale [B',T] or None)."""
+        """The first T positions -> (kv [B',T,Dl], index_k [B',T,dI] (e4m3 when FP8), index_scale [B',T] or None)."""
         sel = (lambda t: t[:, :T]) if rows is None else (lambda t: t[rows, :T])
         kv = sel(self.kv[layer])
         ik = sel(self.index_k[layer])
-        if self.index_fp8:
-            return kv, ik.float(), sel(self.index_scale[layer])
+        if self.index_fp8:  # raw e4m3 + scale: the ops dequantise block by block (no fp32 copy of the cache)
+            return kv, ik, sel(self.index_scale[layer])
         return kv, ik, None

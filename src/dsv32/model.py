@@ -283,7 +283,7 @@ class Attention(nn.Module):
         if want_aux:
             if q_lat is None:
                 q_lat = torch.cat([torch.einsum("bshn,hnl->bshl", q_nope, w_uk), q_pe], dim=-1)
-            aux = AttnAux(iq, iw, ik_ctx if ik_scale is None else ik_ctx * ik_scale.unsqueeze(-1),
+            aux = AttnAux(iq, iw, ik_ctx if ik_scale is None else ik_ctx.float() * ik_scale.unsqueeze(-1),
                           idx, q_lat, latent_ctx, positions, self.softmax_scale)
         return out, aux
 

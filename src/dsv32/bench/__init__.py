@@ -1,4 +1,5 @@
-"""`dsv32 bench <name>`: benchmarks, one module each (cost: the paper's Figure 3; peers: whole-model long context vs HF; train, serve).
+"""`dsv32 bench <name>`: benchmarks, one module each (cost: the paper's Figure 3; peers: whole-model long context
+vs HF; train; serve).
 
 Subcommands are imported lazily, so a benchmark whose module or optional dependency is missing only affects
 itself.

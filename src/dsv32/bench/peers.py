@@ -96,7 +96,7 @@ def one_point(system: str, phase: str, T: int, decode_tokens: int, ckpt: Path, s
                 t = time.perf_counter()
                 logits = model.forward(ids[:, :T], cache=cache, last_only=True)
                 res["prefill_seconds"] = time.perf_counter() - t
-                for i in range(decode_tokens):
+                for _ in range(decode_tokens):
                     nxt = logits[:, -1:].argmax(-1)
                     t = time.perf_counter()
                     logits = model.forward(nxt, cache=cache)
@@ -106,7 +106,7 @@ def one_point(system: str, phase: str, T: int, decode_tokens: int, ckpt: Path, s
                 out = model(input_ids=ids[:, :T], use_cache=True, logits_to_keep=1)
                 res["prefill_seconds"] = time.perf_counter() - t
                 pkv, logits = out.past_key_values, out.logits
-                for i in range(decode_tokens):
+                for _ in range(decode_tokens):
                     nxt = logits[:, -1:].argmax(-1)
                     t = time.perf_counter()
                     out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="dsv32-peers-")
         args.checkpoint = write_checkpoint(peer_config(args.preset, args.layers), Path(tmp.name))
     cfg = ModelConfig.from_hf(args.checkpoint)
-    print(f"dsv32 bench peers: {args.checkpoint if tmp is None else args.preset}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+    what = args.checkpoint if tmp is None else f"{args.preset} preset"
+    print(f"dsv32 bench peers: {what}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"index_topk {cfg.index_topk}, fp32, {args.threads} threads", file=sys.stderr)
     points = []
     for T in args.lengths:
