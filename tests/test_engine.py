@@ -281,3 +281,33 @@ def test_async_stream_and_forward_failure(model):
         assert time.monotonic() - t0 < 30
     finally:
         eng.shutdown()
+
+
+def test_seed_range_and_a_request_failing_at_admission(model, monkeypatch):
+    """Seeds outside 64 bits are refused up front; anything else failing while a request is admitted fails that
+    request alone (found by fuzzing: the engine thread used to die and every later request hung)."""
+    for bad in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=bad)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64 - 1, n=2)
+    eng = Engine(model, max_slots=2, max_len=64)
+    real = torch.Generator
+
+    class Boom:
+        def __init__(self, *a, **k):
+            raise RuntimeError("no generator today")
+
+    try:
+        import dsv32.engine as engine_mod
+
+        monkeypatch.setattr(engine_mod.torch, "Generator", Boom)
+        r = eng.generate([4, 5], GREEDY)
+        assert r.sequences[0].finish_reason == "error" and "no generator today" in r.error
+        monkeypatch.setattr(engine_mod.torch, "Generator", real)
+        t0 = time.monotonic()
+        assert eng.generate([4, 5], GREEDY).sequences[0].finish_reason == "length"  # the engine still serves
+        assert time.monotonic() - t0 < 30
+    finally:
+        monkeypatch.setattr(torch, "Generator", real)
+        eng.shutdown()

@@ -113,6 +113,8 @@ class SamplingParams:
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (self.top_logprobs >= 0, f"top_logprobs must be >= 0, got {self.top_logprobs}"),
+            (self.seed is None or -(2**63) <= self.seed and self.seed + self.n - 1 < 2**64,
+             f"seed must be a 64-bit integer (seed + n - 1 included), got {self.seed}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -542,10 +544,20 @@ class Engine:
             if req.params.return_routes or not self.prefix_reuse:
                 reuse = 0
             seed = req.params.seed
+            try:  # a request that cannot even start fails alone; the engine thread must survive it
+                gens = []
+                for i in range(len(chosen)):
+                    gens.append(torch.Generator(device=self.device))
+                    gens[-1].manual_seed(seed + i if seed is not None else int(time.time_ns() + i) % 2**62)
+            except Exception as e:
+                req.handle.error = f"{type(e).__name__}: {e}"
+                self._by_handle.pop(req.handle, None)
+                self.stats["finished"] += 1
+                req.handle._push(Output(0, None, finish_reason=FINISH_ERROR))
+                req.handle._push(_END)
+                continue
             for i, (slot, _) in enumerate(chosen):
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(seed + i if seed is not None else int(time.time_ns() + i) % 2**62)
-                seq = _Seq(req, i, gen, slot=slot)
+                seq = _Seq(req, i, gens[i], slot=slot)
                 slot.seq, slot.tokens = seq, slot.tokens[:reuse]
                 slot.last_used = next(self._tick)
                 self.cache.truncate(slot.index, reuse)

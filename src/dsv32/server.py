@@ -114,6 +114,7 @@ class Message(_Body):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # anything else crashed the chat renderer (500)
 
 
 class _Sampling(_Body):
@@ -124,7 +125,7 @@ class _Sampling(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64: torch refuses seeds past 64 bits
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: StrictBool = False  # vLLM's extension: generate through EOS (benchmarks, tests)
@@ -515,7 +516,8 @@ def _chat_prompt(st: _State, req: ChatRequest) -> tuple[list[int], str, bool]:
     if choice == "none":
         tools = None
     elif isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        fn = choice.get("function")
+        name = fn.get("name") if choice.get("type") == "function" and isinstance(fn, dict) else None
         if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools or []}:
             raise _bad("tool_choice must name one of the given tools", param="tool_choice")
         tools = [t for t in tools or [] if t["function"]["name"] == name]
@@ -530,7 +532,8 @@ def _chat_prompt(st: _State, req: ChatRequest) -> tuple[list[int], str, bool]:
         if kind == "json_object":
             schema = {"type": "object"}
         elif kind == "json_schema":
-            schema = (rf.get("json_schema") or {}).get("schema")
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
             if not isinstance(schema, dict):
                 raise _bad("response_format.json_schema.schema must be a JSON Schema object", "response_format")
         elif kind != "text":

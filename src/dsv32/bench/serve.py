@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         from dsv32.registry import load_model
 
         model = load_model(args.model).eval()
-        tok = _tokenizer(args.model)
+        from dsv32.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.model)
         prompts = real_prompts(tok, max(args.requests, args.single_requests), args.prompt_len)
         doc = real_prompts(tok, 1, args.followup_doc, skip=len(prompts) * args.prompt_len)[0] if args.followup_doc \
             else []
@@ -394,17 +396,6 @@ def main(argv: list[str] | None = None) -> int:
             "follow_up": fu,
         }, indent=1))
     return 0
-
-
-def _tokenizer(model: str) -> Any:
-    name = str(model).lower()
-    if name.startswith("smollm2") or name.endswith(".gguf"):
-        from dsv32.llama import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(None if name.startswith("smollm2") else model)
-    from dsv32.tokenizer import load_tokenizer
-
-    return load_tokenizer(model)
 
 
 if __name__ == "__main__":
