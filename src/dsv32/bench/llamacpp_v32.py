@@ -32,9 +32,12 @@ an already extracted ``vendor/llama.cpp`` tree.
   ``num_nextn_predict_layers`` but the safetensors hold no ``model.layers.<num_hidden_layers>.*`` tensor
   (``save_pretrained`` never writes them), the block is dropped (the converter's ``--no-nextn``).
 
-llama.cpp's CPU kernel for MLA needs no particular latent size, but the ggml graph absorbs ``kv_b_proj``, so the
-tiny test models use kv_lora_rank 512 + qk_rope_head_dim 64 as the released model does (the shape other peers,
-e.g. vLLM's CPU MLA kernel, require).
+llama.cpp's deepseek32 graph rotates the indexer's q and k with one Hadamard matrix whose size is the largest
+power of two (>= 64) dividing ``index_head_dim``, and aborts the process (a ``GGML_ASSERT``, not an exception)
+unless that size is ``index_head_dim`` itself: ``index_head_dim`` must be a power of two >= 64, which
+:func:`check_config` enforces. The rotation is orthonormal, so in fp32 it leaves the indexer scores unchanged
+(``indexer_hadamard`` on or off on our side gives the same logits). The MLA sizes are free (kv_lora_rank 32 with
+qk_rope_head_dim 8 converts and matches too).
 
     python -m dsv32.bench.llamacpp_v32 HF_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0] [--vocab auto|deepseek-llm|none]
 """
@@ -104,7 +107,7 @@ def cache_dir() -> Path:
 
 def _download_sdist(dest: Path, timeout: float) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", SDIST, "--no-binary", ":all:", "--no-deps", "--no-input",
-           "--disable-pip-version-check", "-d", str(dest)]
+           "--disable-pip-version-check", "--retries", "1", "--timeout", "20", "-d", str(dest)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -136,7 +139,8 @@ def _extract(sdist: Path, dest: Path) -> None:
                 if not any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in _MEMBERS):
                     continue
                 m.name = rel
-                tar.extract(m, tmp, filter="data")
+                # only regular files under vendor/llama.cpp, renamed: no links or absolute paths reach the disk
+                tar.extract(m, tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
                 n += 1
         if not n:
             raise ConverterUnavailable(f"{sdist}: no vendor/llama.cpp converter inside")
@@ -205,6 +209,10 @@ def check_config(hf_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{p}: missing {', '.join(missing)} (needed by llama.cpp's deepseek32)")
     if cfg.get("scoring_func", "sigmoid") != "sigmoid":
         raise ValueError(f"{p}: scoring_func={cfg['scoring_func']!r}; DeepSeek-V3.2 routes with 'sigmoid'")
+    d = int(cfg["index_head_dim"])
+    if d < 64 or d & (d - 1):
+        raise ValueError(f"{p}: index_head_dim={d}; llama.cpp's deepseek32 needs a power of two >= 64 (its indexer "
+                         "Hadamard rotation would abort the process)")
     if cfg.get("quantization_config"):
         raise ValueError(f"{p}: quantized (FP8) checkpoints are not supported here; dequantize first")
     return cfg
@@ -349,17 +357,19 @@ def convert_v32(
 
 # ---------------------------------------------------------------------------------------------------- running
 def llama_logits(gguf_path: str | Path, ids: list[int], *, n_threads: int = 1, n_ctx: int | None = None,
-                 kv_f32: bool = True):
-    """fp32 logits ``[len(ids), vocab]`` (numpy) of llama.cpp on one sequence, every position (``logits_all``).
+                 n_batch: int = 512, kv_f32: bool = True):
+    """fp32 logits ``[len(ids), vocab]`` (numpy) of llama.cpp on one sequence, every position (``logits_all``),
+    evaluated in chunks of ``n_batch`` tokens.
 
-    ``kv_f32``: keep llama.cpp's KV cache (MLA latents and indexer keys) in fp32 rather than its default fp16.
+    ``kv_f32``: keep llama.cpp's KV cache (MLA latents and indexer keys) in fp32 rather than its default fp16;
+    the fp16 cache alone costs about 3e-4 relative logit error on the tiny test models.
     """
     import numpy as np
     from llama_cpp import GGML_TYPE_F32, Llama
 
     kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if kv_f32 else {}
     llm = Llama(model_path=str(gguf_path), logits_all=True, n_ctx=n_ctx or max(64, len(ids) + 16),
-                n_batch=max(8, len(ids)), n_ubatch=max(8, len(ids)), n_threads=n_threads,
+                n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads,
                 n_threads_batch=n_threads, verbose=False, **kv)
     try:
         llm.eval(list(map(int, ids)))
