@@ -1,9 +1,14 @@
-"""`dsv32 bench peers`: whole-model long-context prefill and decode, ours vs HF transformers' DeepSeek-V3.2.
+"""`dsv32 bench peers`: whole-model long-context prefill and decode, ours vs a peer that runs V3.2 with DSA.
 
-HF transformers' ``DeepseekV32ForCausalLM`` runs DSA on CPU as dense attention under a top-k mask, so its cost
-and memory grow with T²; ours gathers the selected latent rows (``ops``), so attention work per query stays
-near k. Both are built from one config (default: the ``small`` preset cut to 4 layers, no MTP: hidden 256,
-index_topk 256) with the same random weights (ours -> HF state dict by name), fp32, the same threads.
+Peers (``--peer``):
+- ``hf``: transformers' ``DeepseekV32ForCausalLM``. On CPU it runs DSA as dense attention under a top-k mask,
+  so its cost and memory grow with T². Config: the ``small`` preset cut to 4 layers, no MTP (hidden 256,
+  index_topk 256).
+- ``llama.cpp``: llama-cpp-python 0.3.36 (arch ``deepseek32``) on a GGUF converted from the same checkpoint
+  (``bench/llamacpp_v32.py``; f32 weights, its default f16 KV cache). Config: 2 layers, hidden 128, kv_lora 512,
+  rope 64, indexer 4 x 64, index_topk 64, vocab 102,400 (the converter's vocab workaround).
+Ours gathers the selected latent rows (``ops``), so attention work per query stays near k. Both systems load one
+HF-format checkpoint with seeded random weights, fp32, the same thread count.
 
 Each (system, length) point runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its
 own. Prefill: one sequence of T tokens, logits of the last position only (HF: ``logits_to_keep=1``), no cache.
@@ -44,6 +49,17 @@ def peer_config(preset: str = "small", layers: int = 4) -> ModelConfig:
     return cfg
 
 
+def llamacpp_config() -> ModelConfig:
+    """The llama.cpp peer's config (anchors-and-peers.md B1.6): what its converter and CPU kernels accept."""
+    return ModelConfig.from_name("tiny").replace(
+        vocab_size=102400, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=48, kv_lora_rank=512,
+        qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, index_n_heads=4, index_head_dim=64, index_topk=64,
+        num_nextn_predict_layers=0, max_position_embeddings=131072,
+    )
+
+
 def write_checkpoint(cfg: ModelConfig, out: Path, seed: int = 0) -> Path:
     """HF's model with seeded random weights, written by ``save_pretrained``; both systems load this."""
     from dsv32.bench.train import hf_model
@@ -54,6 +70,32 @@ def write_checkpoint(cfg: ModelConfig, out: Path, seed: int = 0) -> Path:
     conf.update({k: v for k, v in cfg.to_hf().items() if k.startswith("dsv32_")})
     (out / "config.json").write_text(json.dumps(conf, indent=1))
     return out
+
+
+def _llama_point(ckpt: Path, phase: str, T: int, decode_tokens: int, threads: int, seed: int) -> dict[str, Any]:
+    """llama.cpp on ``ckpt/model.gguf``: prefill of T tokens (last logits), or T then one token per step."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(ckpt / "model.gguf"), n_ctx=T + decode_tokens + 16, n_batch=512, n_ubatch=512,
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    res: dict[str, Any] = {"system": "llama.cpp", "phase": phase, "T": T, "model_rss_gb": _rss_gb()}
+    ids = torch.randint(2, 102400, (T + decode_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+    t = time.perf_counter()
+    llm.eval(ids[:T])
+    dt = time.perf_counter() - t
+    if phase == "prefill":
+        res.update(seconds=dt, tokens_per_s=T / dt)
+    else:
+        res["prefill_seconds"] = dt
+        steps = []
+        for i in range(decode_tokens):
+            t = time.perf_counter()
+            llm.eval([ids[T + i]])
+            steps.append(time.perf_counter() - t)
+        res.update(ms_per_token=1e3 * statistics.median(steps), steps_ms=[round(1e3 * x, 1) for x in steps])
+    res["peak_rss_gb"] = _rss_gb()
+    llm.close()
+    return res
 
 
 def load(system: str, ckpt: Path) -> torch.nn.Module:
@@ -75,6 +117,8 @@ def _rss_gb() -> float:
 
 def one_point(system: str, phase: str, T: int, decode_tokens: int, ckpt: Path, seed: int = 0) -> dict[str, Any]:
     """Measure one point in this process (run it in a fresh one: the peak RSS is the process's)."""
+    if system == "llama.cpp":
+        return _llama_point(ckpt, phase, T, decode_tokens, torch.get_num_threads(), seed)
     model = load(system, ckpt)
     cfg = model.config
     base = _rss_gb()
@@ -136,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dsv32 bench peers", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
-    ap.add_argument("--preset", default="small", help="config preset (cut to --layers layers, no MTP)")
+    ap.add_argument("--peer", choices=["hf", "llama.cpp"], default="hf")
+    ap.add_argument("--preset", default="small", help="HF peer: config preset (cut to --layers layers, no MTP)")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hf-max", type=int, default=16384, help="longest T for HF (its memory grows with T^2)")
+    ap.add_argument("--hf-max", type=int, default=16384, help="longest T for the peer (HF's memory grows with T^2)")
     ap.add_argument("--decode-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per point")
@@ -155,25 +200,32 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     if args.checkpoint is None:
         tmp = tempfile.TemporaryDirectory(prefix="dsv32-peers-")
-        args.checkpoint = write_checkpoint(peer_config(args.preset, args.layers), Path(tmp.name))
+        cfg0 = peer_config(args.preset, args.layers) if args.peer == "hf" else llamacpp_config()
+        args.checkpoint = write_checkpoint(cfg0, Path(tmp.name))
+    if args.peer == "llama.cpp" and not (args.checkpoint / "model.gguf").is_file():
+        from dsv32.bench.llamacpp_v32 import convert_v32
+
+        convert_v32(args.checkpoint, args.checkpoint / "model.gguf")
     cfg = ModelConfig.from_hf(args.checkpoint)
-    what = args.checkpoint if tmp is None else f"{args.preset} preset"
+    what = args.checkpoint if tmp is None else (f"{args.preset} preset" if args.peer == "hf" else "B1.6 config")
     print(f"dsv32 bench peers: {what}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"index_topk {cfg.index_topk}, fp32, {args.threads} threads", file=sys.stderr)
+          f"index_topk {cfg.index_topk}, fp32, {args.threads} threads, peer {args.peer}", file=sys.stderr)
     points = []
     for T in args.lengths:
         for phase in ("prefill", "decode"):
-            for system in ("dsv32", "hf"):
-                if system == "hf" and T > args.hf_max:
+            for system in ("dsv32", args.peer):
+                if system != "dsv32" and T > args.hf_max:
                     continue
                 r = _spawn(system, phase, T, args.decode_tokens, args.threads, args.timeout, args.checkpoint)
                 points.append(r)
                 print(f"  {json.dumps(r)}", file=sys.stderr)
-    print(f"\n{'T':>7} {'phase':<8}{'dsv32':>14}{'HF':>14}{'ratio':>8}{'dsv32 GB':>10}{'HF GB':>8}{'mem ratio':>10}")
+    peer = "HF" if args.peer == "hf" else "llama.cpp"
+    print(f"\n{'T':>7} {'phase':<8}{'dsv32':>14}{peer:>14}{'ratio':>8}{'dsv32 GB':>10}{peer + ' GB':>8}"
+          f"{'mem ratio':>10}")
     for T in args.lengths:
         for phase in ("prefill", "decode"):
             ours = next((p for p in points if p["system"] == "dsv32" and p["phase"] == phase and p["T"] == T), {})
-            hf = next((p for p in points if p["system"] == "hf" and p["phase"] == phase and p["T"] == T), {})
+            hf = next((p for p in points if p["system"] == args.peer and p["phase"] == phase and p["T"] == T), {})
             key, unit = ("tokens_per_s", "tok/s") if phase == "prefill" else ("ms_per_token", "ms/tok")
 
             def fmt(p: dict[str, Any], key: str = key, unit: str = unit) -> str:
