@@ -403,7 +403,7 @@ def test_copy_doc_repeats_the_marked_span(corpus: Path) -> None:
 
 
 def test_synthetic_docs_mix_kinds_deterministically(corpus: Path) -> None:
-    sampler = D._FillerSampler([f.read_text() for f in sorted(corpus.glob("doc*.txt"))])
+    sampler = D.FillerSampler([f.read_text() for f in sorted(corpus.glob("doc*.txt"))])
     a = [D.make_synthetic_doc(random.Random(7), sampler, 2000) for _ in range(1)]
     rng1, rng2 = random.Random(9), random.Random(9)
     one = [D.make_synthetic_doc(rng1, sampler, 2000) for _ in range(40)]

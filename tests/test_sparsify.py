@@ -319,3 +319,26 @@ def test_load_smollm2_dsa() -> None:
 
 def test_hand_aux_namespace_is_not_mla() -> None:
     assert not sp._is_mla(_hand_aux(None)) and sp._is_mla(SimpleNamespace(q_latent=None))
+
+
+def test_text_batches_mix_in_synthetic_retrieval_docs(tmp_path) -> None:
+    """--synthetic-frac adds key-value recall / copy documents built from the train text to the --text windows."""
+    import argparse
+
+    from dsv32.tokenizer import load_tokenizer
+
+    words = "the quick brown fox jumps over a lazy dog and then sleeps under the old oak tree".split()
+    for src in ("a", "b"):
+        (tmp_path / "raw" / src).mkdir(parents=True)
+        for i in range(30):
+            rows = [" ".join(words[(i + j) % len(words):] + words[: (i + j) % len(words)]) for j in range(40)]
+            (tmp_path / "raw" / src / f"doc{i}.txt").write_text("\n".join(rows))
+    tok = load_tokenizer("dsv32-small-8k")
+    args = argparse.Namespace(data=None, text=[tmp_path / "raw"], max_chars=None, seed=0, batch_size=1, seq_len=64,
+                              synthetic_frac=0.5, synthetic_chars=2000)
+    batch, info = sp._batches(args, tok)
+    assert info["synthetic_docs"] > 0
+    seen = " ".join(tok.decode(batch(step)[0].tolist()) for step in range(200))
+    assert "secret code for" in seen or "<<<" in seen
+    args.synthetic_frac = 0.0
+    assert sp._batches(args, tok)[1]["synthetic_docs"] == 0

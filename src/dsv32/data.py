@@ -585,7 +585,7 @@ def make_copy_doc(rng: random.Random, filler_text: str, span_chars: int, length_
     return SyntheticDoc("copy", prompt, span, suffix="\n", meta=meta)
 
 
-class _FillerSampler:
+class FillerSampler:
     """Random stretches of the training text, each document weighted by its length."""
 
     def __init__(self, texts: Sequence[str]) -> None:
@@ -791,7 +791,7 @@ class _Sink:
 def _add_synthetic(
     sink: _Sink,
     encode: Callable[[list[str]], list[list[int]]],
-    sampler: _FillerSampler,
+    sampler: FillerSampler,
     target: int,
     *,
     seed: int,
@@ -921,7 +921,7 @@ def prepare(
     if synthetic_frac > 0:
         real = sink.split_tokens("train")
         target = round(real * synthetic_frac / (1 - synthetic_frac))
-        sampler = _FillerSampler([docs[i].text for i in order if splits[i] == "train"])
+        sampler = FillerSampler([docs[i].text for i in order if splits[i] == "train"])
         synthetic.update(
             _add_synthetic(sink, encode, sampler, target, seed=seed, length_chars=synthetic_chars, progress=progress)
         )

@@ -564,6 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text", type=Path, nargs="+", help="raw text dirs/files (one subdir per source); the train "
                    "split of the project's per-document rule, tokenised with the model's tokenizer")
     g.add_argument("--max-chars", type=int, default=4_000_000, help="per source, of --text")
+    g.add_argument("--synthetic-frac", type=float, default=0.0,
+                   help="--text: share of characters made of synthetic long-range tasks (key-value recall, copying "
+                        "over real train text; dsv32.data), so the KL targets include retrieval attention")
+    g.add_argument("--synthetic-chars", type=int, default=8000, help="longest synthetic document, in characters")
     g.add_argument("--seq-len", type=int, default=1024)
     g.add_argument("--batch-size", type=int, default=1)
     g = p.add_argument_group("optimisation")
@@ -613,10 +617,24 @@ def _batches(args: argparse.Namespace, tok: Any) -> tuple[Callable[[int], torch.
     from dsv32.evals import load_split_texts
 
     texts, names = load_split_texts(args.text, "train", max_chars=args.max_chars)
+    n_syn = 0
+    if args.synthetic_frac > 0:
+        import random
+
+        from dsv32.data import FillerSampler, make_synthetic_doc
+
+        rng, filler = random.Random(args.seed), FillerSampler(texts)
+        want = args.synthetic_frac / (1 - args.synthetic_frac) * sum(len(t) for t in texts)
+        syn: list[str] = []
+        while sum(map(len, syn)) < want:
+            syn.append(make_synthetic_doc(rng, filler, args.synthetic_chars).text)
+        order = random.Random(args.seed + 1).sample(range(len(texts) + len(syn)), len(texts) + len(syn))
+        texts, n_syn = [(texts + syn)[i] for i in order], len(syn)
     ids = tokenize_docs(tok, texts)
     tw = TextWindows(ids, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len)
     info = {"text": [str(t) for t in args.text], "split": "train", "documents": len(texts), "tokens": int(len(ids)),
-            "max_chars_per_source": args.max_chars, "sources": sorted({n.split("/")[0] for n in names})}
+            "max_chars_per_source": args.max_chars, "sources": sorted({n.split("/")[0] for n in names}),
+            "synthetic_docs": n_syn, "synthetic_frac": args.synthetic_frac}
     return tw.batch, info
 
 
