@@ -119,3 +119,21 @@ def test_passkey_items_and_json(tmp_path, text_root, monkeypatch) -> None:
 
 def test_unknown_eval_name() -> None:
     assert evals.cli_main(["nope"]) == 2
+
+
+def test_needle_selection_diagnostic() -> None:
+    """evals.selection: per-layer needle tokens in the indexer's top-k, and the max-head attention mass on them."""
+    from dsv32.evals.selection import needle_selection
+
+    m = tiny_model()
+    tok = CharTok()
+    stream = np.array(tok.encode("the river runs north past the old stone mill " * 40))
+    it = passkey.passkey_items(tok, stream, context=300, num=3, seed=0)[1]
+    n = len(tok.encode(passkey.NEEDLE.format(key=12345)))
+    small = needle_selection(m, it, n, topk=16)
+    assert len(small["needle_tokens_selected"]) == len(small["max_head_mass"]) == m.config.num_hidden_layers
+    assert all(0 <= s <= 16 for s in small["needle_tokens_selected"])
+    assert all(0 < x < 1 for x in small["max_head_mass"])
+    full = needle_selection(m, it, n, topk=400)  # k covers every key: the whole needle is selected
+    assert full["needle_tokens_selected"] == [float(n)] * m.config.num_hidden_layers
+    assert full["max_head_mass"] == small["max_head_mass"]  # the dense side does not depend on k
