@@ -26,17 +26,19 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-# Bytes of one sparse-MLA chunk's gathered rows and scores. Large enough that every GEMM is big and a 256-query
-# chunk of the full-size model takes ~10 steps (each step is a handful of parallel regions, and on a busy
-# machine every region waits for both threads), small enough to stay a few hundred MB.
-WORK_BYTES = 192 << 20
-# Bytes of the indexer's ReLU-logits block (GEMM -> ReLU -> head-weight GEMV per block). Measured on the shared
-# 2-core box under load, 256 queries x 16K keys: 16 MB 8.7 s, 32 MB 6.4 s, 64 MB 5.5 s (fewer parallel regions
-# win when other processes compete for the cores; an idle machine favoured smaller, cache-resident blocks).
-INDEX_BLOCK_BYTES = 64 << 20
-# Bytes of dense_mla's [B, C*H, Tb] score block: a 16K-token decode of 8 sequences measured 2.2-2.3 s with
-# 32-128 MB blocks vs 2.9 s with 8 MB ones (per-block merges and parallel-region overheads add up).
-DENSE_BLOCK_BYTES = 64 << 20
+# Work-block sizes, measured on the 2-core dev box when idle (2026-11-29, 2 threads; DeepSeek-V3.2 shapes):
+# cache-resident blocks win on every path. Under heavy load from other processes (load average 8-10) larger
+# blocks had measured better (fewer parallel regions, each waiting for both threads), hence the old 64-192 MB.
+# Bytes of one sparse-MLA chunk's gathered rows and scores: decode of 8 sequences at 128K, 8 MB 0.034 s,
+# 48 MB 0.037 s, 192 MB 0.044 s.
+WORK_BYTES = 8 << 20
+# Bytes of the indexer's ReLU-logits block (GEMM -> ReLU -> head-weight GEMV per block): decode, 8 sequences x
+# 128K keys: 1 MB 0.175 s, 2 MB 0.166 s, 8 MB 0.235 s, 64 MB 0.254 s; prefill, 256 queries x 32K keys: 2 MB
+# 0.98 s, 8 MB 1.02 s, 64 MB 1.62 s.
+INDEX_BLOCK_BYTES = 2 << 20
+# Bytes of dense_mla's [B, C*H, Tb] score block: decode of 8 sequences at 128K: 1 MB 2.30 s, 4 MB 2.08 s, 8 MB
+# 2.05 s, 64 MB 2.81 s. This is the dense baseline the benchmarks compare against, so it is tuned as carefully.
+DENSE_BLOCK_BYTES = 8 << 20
 # Bytes for the per-chunk [C, T] indexer score rows (one torch.topk per chunk).
 SCORE_BYTES = 256 << 20
 MAX_QUERY_CHUNK = 256
