@@ -85,12 +85,15 @@ class Shapes:
                    cfg.index_head_dim, cfg.index_topk)
 
 
-def cost_model(s: Shapes, phase: str, side: str, P: int, n: int) -> tuple[float, float]:
-    """(FLOPs, bytes) of one call: ``n`` new tokens at positions P.. (prefill: one sequence; decode: n sequences).
+def cost_model(s: Shapes, phase: str, side: str, P: int, n: int) -> tuple[float, float, float]:
+    """(FLOPs, bytes, weight bytes) of one call: ``n`` new tokens at positions P.. (prefill: one sequence;
+    decode: n sequences).
 
-    FLOPs count every matmul (2 per multiply-add); bytes count compulsory fp32 traffic: weights once per
-    call, the context's keys once per sequence, DSA's score rows (written, read by top-k) and gathered rows.
-    Elementwise work (norms, RoPE, softmax, ReLU) is left out on both sides.
+    FLOPs count every matmul (2 per multiply-add); bytes count compulsory fp32 traffic: the context's keys once
+    per sequence, DSA's score rows (written, read by top-k) and gathered rows; weight bytes are the projection
+    weights, read once per call (charged at the measured weight-streaming rate of a few-row ``nn.Linear``, which
+    is well below the copy bandwidth: the GEMM packs the weight first). Elementwise work (norms, RoPE, softmax,
+    ReLU) is left out on both sides.
     """
     Lq = s.dl + s.R  # absorbed query/key dim (576)
     w_common = s.D * s.dq + s.dq * s.H * (s.dn + s.R) + s.D * (s.dl + s.R) + s.H * s.dv * s.D  # q_a q_b kv_a o
@@ -104,7 +107,7 @@ def cost_model(s: Shapes, phase: str, side: str, P: int, n: int) -> tuple[float,
         n_seq, T = n, P + 1
     weights = w_common + w_kvb + (w_index if side == "dsa" else 0)
     flops = 2.0 * n * weights
-    nbytes = 4.0 * weights
+    nbytes = 0.0
     if side == "dense" and phase == "prefill":  # MHA form: q.k over dn+R, p.v over dv, per head
         flops += 2.0 * s.H * (s.dn + s.R + s.dv) * sum(keys)
         nbytes += 4.0 * T * s.H * (s.dn + s.R + s.dv)
@@ -115,17 +118,20 @@ def cost_model(s: Shapes, phase: str, side: str, P: int, n: int) -> tuple[float,
         flops += 2.0 * s.HI * (s.dI + 1) * sum(keys)
         flops += 2.0 * s.H * (Lq + s.dl) * sum(min(s.K, t) for t in keys)
         nbytes += 4.0 * n_seq * T * s.dI + 2 * 4.0 * sum(keys) + 4.0 * Lq * sum(min(s.K, t) for t in keys)
-    return flops, nbytes
+    return flops, nbytes, 4.0 * weights
 
 
-def calibrate() -> tuple[float, float]:
-    """This machine's fp32 GEMM rate (FLOP/s) and copy bandwidth (bytes/s, read + write), medians of 3."""
+def calibrate(rows: int = DECODE_BATCH) -> tuple[float, float, float]:
+    """This machine's fp32 GEMM rate (FLOP/s), copy bandwidth (bytes/s, read + write) and the rate at which a
+    ``rows``-row ``F.linear`` streams a 128 MB weight (bytes/s), medians of 3."""
     a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
     t_mm = _median_time(lambda: a @ b, 3).median
     x = torch.rand(64 << 20)
     y = torch.empty_like(x)
     t_cp = _median_time(lambda: y.copy_(x), 3).median
-    return 2 * 2048**3 / t_mm, 2 * x.numel() * 4 / t_cp
+    w, h = torch.rand(8192, 4096), torch.rand(rows, 4096)
+    t_w = _median_time(lambda: F.linear(h, w), 3).median
+    return 2 * 2048**3 / t_mm, 2 * (64 << 20) * 4 / t_cp, w.numel() * 4 / t_w
 
 
 # ============================================================================================ timing
@@ -250,15 +256,16 @@ def run(positions: list[int], *, runs: int, phases: list[str], chunk: int, batch
         max_heads: int | None = None, log: Callable[[str], None] = print) -> dict:
     cfg = ModelConfig.from_name("deepseek-v3.2")
     shapes = Shapes.of(cfg)
-    flops_rate, bandwidth = calibrate()
+    flops_rate, bandwidth, weight_rate = calibrate(batch)
     log(f"# calibration: fp32 GEMM {flops_rate / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s, "
-        f"{torch.get_num_threads()} threads")
+        f"{batch}-row linear streams weights at {weight_rate / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
     attn = build_attention(cfg)
     points: list[Point] = []
 
     def predict(phase: str, side: str, P: int, n: int) -> float:
-        fl, by = cost_model(shapes, phase, side, P, n)
-        return fl / flops_rate + by / bandwidth
+        fl, by, wb = cost_model(shapes, phase, side, P, n)  # weights: a decode step's few rows stream them at
+        return fl / flops_rate + by / bandwidth + wb / (weight_rate if phase == "decode" else bandwidth)  # the
+        # measured skinny-GEMM rate; a 256-row prefill chunk is compute-bound, its weight reads at copy speed
 
     log(f"{'phase':<8} {'P':>7} {'dense_s':>9} {'dsa_s':>9} {'ratio':>7} {'model':>7} {'r/model':>8}  note")
     with torch.inference_mode():
@@ -290,6 +297,7 @@ def run(positions: list[int], *, runs: int, phases: list[str], chunk: int, batch
         "threads": torch.get_num_threads(),
         "gemm_flops_per_s": flops_rate,
         "copy_bytes_per_s": bandwidth,
+        "weight_stream_bytes_per_s": weight_rate,
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
