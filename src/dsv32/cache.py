@@ -58,6 +58,18 @@ class RowCache:
         self.lengths[row] = min(int(self.lengths[row]), length)
 
     @staticmethod
+    def row_index(rows: torch.Tensor | None) -> slice | torch.Tensor:
+        """How to pick ``rows`` out of a buffer: a slice (a view, no copy) when they are consecutive slots in
+        order — the engine's usual batch — else the index tensor itself (a gather)."""
+        if rows is None:
+            return slice(None)
+        n = rows.numel()
+        if n and (n == 1 or bool((rows[1:] - rows[:-1] == 1).all())):
+            r0 = int(rows[0])
+            return slice(r0, r0 + n)
+        return rows
+
+    @staticmethod
     def _write(buf: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None):
         B, S = positions.shape
         r = torch.arange(B, device=buf.device) if rows is None else rows
@@ -129,7 +141,8 @@ class MLACache(RowCache):
         self, layer: int, T: int, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The first T positions -> (kv [B',T,Dl], index_k [B',T,dI] (e4m3 when FP8), index_scale [B',T] or None)."""
-        sel = (lambda t: t[:, :T]) if rows is None else (lambda t: t[rows, :T])
+        r = self.row_index(rows)
+        sel = lambda t: t[r, :T]  # noqa: E731
         kv = sel(self.kv[layer])
         ik = sel(self.index_k[layer])
         if self.index_fp8:  # raw e4m3 + scale: the ops dequantise block by block (no fp32 copy of the cache)

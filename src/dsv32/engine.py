@@ -516,11 +516,24 @@ class Engine:
     def _step(self) -> None:
         # Prefill up to ``prefill_chunk`` prompt tokens per step (several short prompts, or one chunk of a
         # long one), oldest first; then one decode forward for everything that is generating.
+        # Chunks of equal length (e.g. several short prompts) share one forward: a batched prefill reads the
+        # weights once for all of them (16 x 128-token prompts: 2.9 s batched vs 4.4 s one by one, SmolLM2).
         budget = self.prefill_chunk
+        groups: dict[tuple[int, bool], list[_Request]] = {}
         for req in [r for r in self._running if not r.prefill_done]:
             if budget <= 0:
                 break
-            budget -= self._prefill_chunk(req, budget)
+            if not any(not s.finished for s in req.seqs):
+                continue
+            S = min(budget, len(req.prompt) - req.prefilled)
+            groups.setdefault((S, req.params.return_routes), []).append(req)
+            budget -= S
+        for (S, routes), reqs in groups.items():
+            if routes:  # prompt routes are collected per request
+                for req in reqs:
+                    self._prefill_chunk([req], S)
+            else:
+                self._prefill_chunk(reqs, S)
         rows = [s for r in self._running for s in r.seqs if s.pending is not None and not s.finished]
         if rows:
             self._decode(rows)
@@ -598,32 +611,34 @@ class Engine:
             return out.logits[:, -1], out.routes
         return out[:, -1], None
 
-    def _prefill_chunk(self, req: _Request, max_tokens: int) -> int:
-        """Prefill the next (at most ``max_tokens``) prompt tokens of ``req``; returns how many."""
-        start = req.prefilled
-        chunk = req.prompt[start : start + max_tokens]
-        live = [s for s in req.seqs if not s.finished]
-        if not live:
-            return 0
-        n, S = len(live), len(chunk)
-        ids = torch.tensor([chunk] * n, dtype=torch.long)
-        pos = torch.arange(start, start + S).unsqueeze(0).expand(n, S)
-        want_routes = req.params.return_routes
-        logits, routes = self._forward(ids, pos, [s.slot.index for s in live], want_routes)  # type: ignore[union-attr]
-        for s in live:
-            s.slot.tokens.extend(chunk)  # type: ignore[union-attr]
-        req.prefilled += S
-        self.stats["prefilled_tokens"] += S * n
+    def _prefill_chunk(self, reqs: list[_Request], S: int) -> None:
+        """Prefill the next ``S`` prompt tokens of every request in ``reqs`` in one forward (a row per live
+        sequence; each row at its own positions and cache slot)."""
+        lives = [[s for s in req.seqs if not s.finished] for req in reqs]
+        chunks = [req.prompt[req.prefilled : req.prefilled + S] for req in reqs]
+        ids = torch.tensor([c for c, live in zip(chunks, lives) for _ in live], dtype=torch.long)
+        pos = torch.cat([torch.arange(req.prefilled, req.prefilled + S).unsqueeze(0).expand(len(live), S)
+                         for req, live in zip(reqs, lives)])
+        slots = [s.slot.index for live in lives for s in live]  # type: ignore[union-attr]
+        want_routes = any(req.params.return_routes for req in reqs)  # then reqs is a single request
+        logits, routes = self._forward(ids, pos, slots, want_routes)
+        row = 0
+        for req, live, chunk in zip(reqs, lives, chunks):
+            n = len(live)
+            for s in live:
+                s.slot.tokens.extend(chunk)  # type: ignore[union-attr]
+            req.prefilled += S
+            self.stats["prefilled_tokens"] += S * n
+            if want_routes:  # routes are [n*S, K]; every row holds the same prompt, keep row 0
+                part = [r.view(n, S, -1)[0].cpu() for r in routes]
+                prev = req.handle.prompt_routes
+                req.handle.prompt_routes = part if prev is None else [torch.cat([a, b]) for a, b in zip(prev, part)]
+            if req.prefill_done:
+                last = [r.view(n, S, -1)[:, -1].cpu() for r in routes] if want_routes else None
+                for i, s in enumerate(live):
+                    self._sample(s, logits[row + i], [r[i] for r in last] if last is not None else None)
+            row += n
         self.stats["prefill_steps"] += 1
-        if want_routes:  # routes are [n*S, K]; every row holds the same prompt, keep row 0
-            part = [r.view(n, S, -1)[0].cpu() for r in routes]
-            prev = req.handle.prompt_routes
-            req.handle.prompt_routes = part if prev is None else [torch.cat([a, b]) for a, b in zip(prev, part)]
-        if req.prefill_done:
-            last = [r.view(n, S, -1)[:, -1].cpu() for r in routes] if want_routes else None
-            for i, s in enumerate(live):
-                self._sample(s, logits[i], [r[i] for r in last] if last is not None else None)
-        return S
 
     def _decode(self, rows: list[_Seq]) -> None:
         ids = torch.tensor([[s.pending] for s in rows], dtype=torch.long)
@@ -641,16 +656,19 @@ class Engine:
     def _sample(self, s: _Seq, logits: torch.Tensor, routes: list[torch.Tensor] | None) -> None:
         """Sample one token for ``s`` from its logits row [V] with its own generator, and emit it."""
         p = s.req.params
-        lp = truncated_logprobs(logits[None], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
-        tok = int(lp.argmax(-1)) if p.temperature <= 0 else draw(lp[0].exp(), s.gen)
-        out = Output(s.index, tok, logprob=float(lp[0, tok]), routes=routes)
+        if p.temperature <= 0 and not p.return_allowed:  # greedy: the arg-max has probability 1 (log 0)
+            tok, lp = int(logits.argmax(-1)), None
+        else:
+            lp = truncated_logprobs(logits[None], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+            tok = int(lp.argmax(-1)) if p.temperature <= 0 else draw(lp[0].exp(), s.gen)
+        out = Output(s.index, tok, logprob=float(lp[0, tok]) if lp is not None else 0.0, routes=routes)
         if p.logprobs or p.top_logprobs:
             raw = logits.float().log_softmax(-1)
             out.model_logprob = float(raw[tok])
             if p.top_logprobs:
                 vals, idx = raw.topk(min(p.top_logprobs, raw.shape[-1]))
                 out.top_logprobs = [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist())]
-        if p.return_allowed and p.truncates:
+        if p.return_allowed and p.truncates and lp is not None:
             out.allowed = torch.isfinite(lp[0]).nonzero().squeeze(-1).cpu()
         s.generated += 1
         self.stats["generated_tokens"] += 1

@@ -390,9 +390,8 @@ class LlamaCache(RowCache):
         self, layer: int, T: int, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first T positions -> (k [B',T,Hkv,Dh], v [B',T,Hkv,Dh], index_k [B',T,dI])."""
-        if rows is None:
-            return self.k[layer][:, :T], self.v[layer][:, :T], self.index_k[layer][:, :T]
-        return self.k[layer][rows, :T], self.v[layer][rows, :T], self.index_k[layer][rows, :T]
+        r = self.row_index(rows)
+        return self.k[layer][r, :T], self.v[layer][r, :T], self.index_k[layer][r, :T]
 
 
 # ======================================================================================== model

@@ -218,7 +218,8 @@ def hf_llama(model: torch.nn.Module) -> torch.nn.Module:
         attn_implementation="sdpa",
     )
     hf = transformers.LlamaForCausalLM._from_config(hcfg)
-    sd = {k: v for k, v in model.state_dict().items() if ".indexer." not in k}
+    sd = {(k if k.startswith("lm_head.") else f"model.{k}"): v  # our LlamaModel names -> HF's
+          for k, v in model.state_dict().items() if ".indexer." not in k}
     if cfg.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     hf.load_state_dict(sd, strict=True)
