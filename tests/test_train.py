@@ -389,3 +389,18 @@ def test_objective_switches_off_and_bench_smoke(data_dir: Path, tmp_path: Path) 
               log=lambda m: None)
     assert set(res["results"]) == {"dsv32", "hf-sdpa"} and res["speedup_vs_hf"] > 0
     assert all(math.isfinite(v["first_loss"]) for v in res["results"].values())
+
+
+def test_resume_ignores_speed_only_config_switches(base_run: Path, data_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preset that gained a speed-only switch (e.g. masked_mha_max_len) still resumes its old runs; a real
+    architecture change is still refused."""
+    from dsv32.config import PRESETS
+
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    monkeypatch.setitem(PRESETS, "tiny", PRESETS["tiny"].replace(masked_mha_max_len=4096))
+    assert cli_main([*COMMON, "--data", str(data_dir), "--out", str(out), "--max-steps", "7", "--resume"]) == 0
+    monkeypatch.setitem(PRESETS, "tiny", PRESETS["tiny"].replace(num_hidden_layers=4))
+    with pytest.raises(SystemExit, match="different model config"):
+        cli_main([*COMMON, "--data", str(data_dir), "--out", str(out), "--max-steps", "8", "--resume"])

@@ -98,6 +98,7 @@ class ModelConfig:
     masked_mha_max_len: int = 0
 
     _OURS = ("use_dsa", "indexer_hadamard", "indexer_fp8", "mla_cache_fp8", "masked_mha_max_len")
+    _SPEED_ONLY = ("masked_mha_max_len",)  # switches that change how, not what, is computed (resume ignores them)
 
     # ------------------------------------------------------------------ derived quantities
     @property

@@ -677,7 +677,11 @@ def train(args: argparse.Namespace) -> int:
             from dsv32.model import Transformer
 
             saved = ModelConfig.from_dict(parts["trainer"]["model_config"])
-            if not args.init_from and _load_model_config(args).to_hf() != saved.to_hf():
+            def arch(c: ModelConfig) -> dict:
+                return {k: v for k, v in c.to_hf().items()
+                        if k.removeprefix("dsv32_") not in ModelConfig._SPEED_ONLY}
+
+            if not args.init_from and arch(_load_model_config(args)) != arch(saved):
                 raise SystemExit(f"dsv32 train: {resume_from} was trained with a different model config")
             model = Transformer(saved)
         elif args.init_from:
