@@ -20,6 +20,23 @@ from dsv32 import chat
 from dsv32.tokenizer import Tokenizer
 
 
+def peaked_tiny_v32(seed: int = 0) -> torch.nn.Module:
+    """Tiny V3.2 (MLA + DSA + MoE) with weights larger than the default init, so greedy choices are far from
+    ties: the real model the engine and concurrency tests batch."""
+    from dsv32.config import ModelConfig
+    from dsv32.model import Transformer
+
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig.from_name("tiny")).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.15)
+            elif "bias" not in name:
+                p.normal_(1.0, 0.1)
+    return m
+
+
 def byte_tokenizer(family: str = "deepseek-v3.2") -> Tokenizer:
     """256 byte tokens + the chat markers as single added tokens (vocab ~265)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())

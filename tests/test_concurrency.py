@@ -17,8 +17,9 @@ import json
 import pytest
 import torch
 
-from dsv32 import ModelConfig, Transformer
+from dsv32 import Transformer
 from dsv32.engine import Engine, SamplingParams
+from serving_fakes import peaked_tiny_v32
 
 N_STREAMS = 32
 NEAR_TIE = 1e-4
@@ -54,17 +55,9 @@ class RowCounter(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig.from_name("tiny")).eval()
-    # as in test_engine.py: larger weights than the default init, so greedy choices are clear (for this seed the
-    # smallest top-2 gap along the 32 reference completions is about 5e-4, five times NEAR_TIE)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.15)
-            elif "bias" not in name:
-                p.normal_(1.0, 0.1)
-    return m
+    # larger weights than the default init, so greedy choices are clear (for this seed the smallest top-2 gap
+    # along the 32 reference completions is about 5e-4, five times NEAR_TIE)
+    return peaked_tiny_v32()
 
 
 @pytest.fixture(scope="module")

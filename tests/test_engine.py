@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 
-from dsv32.config import ModelConfig
 from dsv32.engine import (
     Engine,
     EngineClosed,
@@ -23,6 +22,7 @@ from dsv32.engine import (
 from dsv32.generate import generate_ids
 from dsv32.model import Transformer
 from dsv32.sampling import truncated_logprobs
+from serving_fakes import peaked_tiny_v32
 
 
 @pytest.fixture(autouse=True)
@@ -37,15 +37,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     """Tiny V3.2 (MLA + DSA + MoE) with weights large enough that greedy choices are far from ties."""
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig.from_name("tiny")).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.15)
-            elif "bias" not in name:
-                p.normal_(1.0, 0.1)
-    return m
+    return peaked_tiny_v32()
 
 
 def prompts(n: int, seed: int = 1) -> list[list[int]]:

@@ -32,40 +32,6 @@ from dsv32.config import ModelConfig  # noqa: E402
 DENSE_TOL = 1e-5  # relative logit error, fp32 vs fp32 (measured: 6e-7)
 TIE_REL = 1e-5  # a k-th / (k+1)-th indexer score gap below this (relative to the row's scale) is a tie
 
-TINY = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    moe_intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    first_k_dense_replace=1,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    n_group=4,
-    topk_group=2,
-    q_lora_rank=48,
-    kv_lora_rank=512,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=64,
-    v_head_dim=32,
-    index_n_heads=4,
-    index_head_dim=64,
-    index_topk=64,
-    max_position_embeddings=131072,
-    rope_scaling={
-        "type": "yarn",
-        "factor": 32.0,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
-)
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     n = torch.get_num_threads()
@@ -141,8 +107,7 @@ def test_llamacpp_matches_ours(tmp_path: Path, converter: L.Converter, index_hea
     import dsv32
 
     t0 = time.perf_counter()
-    cfg = ModelConfig.from_name("tiny").replace(vocab_size=L.VOCAB_SIZE, num_nextn_predict_layers=0,
-                                                **{**TINY, "index_n_heads": index_heads})
+    cfg = L.b16_config(index_n_heads=index_heads)
     hf_dir = tmp_path / "hf"
     _hf_checkpoint(hf_dir, cfg, seed=0)
     t1 = time.perf_counter()
@@ -189,7 +154,7 @@ def test_small_vocab_and_mtp(tmp_path: Path, converter: L.Converter) -> None:
     from dsv32.checkpoint import save_model
     from dsv32.model import Transformer
 
-    cfg = ModelConfig.from_name("tiny").replace(vocab_size=512, num_nextn_predict_layers=1, **TINY)
+    cfg = L.b16_config(vocab_size=512, num_nextn_predict_layers=1)
     torch.manual_seed(1)
     save_model(Transformer(cfg).eval(), tmp_path / "ours")
     info = L.convert_v32(tmp_path / "ours", tmp_path / "ours.gguf", converter=converter)
@@ -203,7 +168,7 @@ def test_small_vocab_and_mtp(tmp_path: Path, converter: L.Converter) -> None:
 
 def test_config_errors(tmp_path: Path) -> None:
     """What the converter cannot take is refused before it runs (no converter needed)."""
-    cfg = ModelConfig.from_name("tiny").replace(vocab_size=512, **TINY)
+    cfg = L.b16_config(vocab_size=512, num_nextn_predict_layers=1)  # as the tiny preset: MTP on
     cfg.to_hf(tmp_path)
     with pytest.raises(ValueError, match="deepseek-llm"):
         L.convert_v32(tmp_path, tmp_path / "x.gguf", vocab="deepseek-llm")

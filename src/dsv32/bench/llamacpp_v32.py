@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsv32.config import ModelConfig
+
 VERSION = "0.3.36"
 SDIST = f"llama-cpp-python=={VERSION}"
 VOCAB_GGUF = "models/ggml-vocab-deepseek-llm.gguf"
@@ -70,6 +72,22 @@ REQUIRED = (
 )
 DEFAULTS: dict[str, Any] = {"scoring_func": "sigmoid"}
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def b16_config(**changes: Any) -> ModelConfig:
+    """A tiny V3.2 config that llama.cpp's converter and CPU kernels accept (anchors-and-peers.md B1.6): 2 layers,
+    hidden 128, kv_lora 512 + rope 64, indexer 4 x 64 (llama.cpp's Hadamard needs a power of two >= 64), top-64,
+    the deepseek-llm vocab (102,400). ``changes`` override fields."""
+    base = ModelConfig.from_name("tiny").replace(
+        vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=48, kv_lora_rank=512,
+        qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, index_n_heads=4, index_head_dim=64, index_topk=64,
+        num_nextn_predict_layers=0, max_position_embeddings=131072,
+        rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    )
+    return base.replace(**changes)
 
 
 class ConverterUnavailable(RuntimeError):

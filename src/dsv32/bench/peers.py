@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from dsv32.bench.llamacpp_v32 import b16_config, convert_v32
 from dsv32.config import ModelConfig
 
 LENGTHS = [2048, 8192, 16384, 32768, 65536]
@@ -47,17 +48,6 @@ def peer_config(preset: str = "small", layers: int = 4) -> ModelConfig:
     cfg.num_hidden_layers = layers
     cfg.num_nextn_predict_layers = 0
     return cfg
-
-
-def llamacpp_config() -> ModelConfig:
-    """The llama.cpp peer's config (anchors-and-peers.md B1.6): what its converter and CPU kernels accept."""
-    return ModelConfig.from_name("tiny").replace(
-        vocab_size=102400, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=48, kv_lora_rank=512,
-        qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, index_n_heads=4, index_head_dim=64, index_topk=64,
-        num_nextn_predict_layers=0, max_position_embeddings=131072,
-    )
 
 
 def write_checkpoint(cfg: ModelConfig, out: Path, seed: int = 0) -> Path:
@@ -200,10 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     if args.checkpoint is None:
         tmp = tempfile.TemporaryDirectory(prefix="dsv32-peers-")
-        cfg0 = peer_config(args.preset, args.layers) if args.peer == "hf" else llamacpp_config()
+        cfg0 = peer_config(args.preset, args.layers) if args.peer == "hf" else b16_config()
         args.checkpoint = write_checkpoint(cfg0, Path(tmp.name))
     if args.peer == "llama.cpp" and not (args.checkpoint / "model.gguf").is_file():
-        from dsv32.bench.llamacpp_v32 import convert_v32
 
         convert_v32(args.checkpoint, args.checkpoint / "model.gguf")
     cfg = ModelConfig.from_hf(args.checkpoint)
