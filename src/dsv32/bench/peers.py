@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 points.append(r)
                 print(f"  {json.dumps(r)}", file=sys.stderr)
     peer = "HF" if args.peer == "hf" else "llama.cpp"
-    print(f"\n{'T':>7} {'phase':<8}{'dsv32':>14}{peer:>14}{'ratio':>8}{'dsv32 GB':>10}{peer + ' GB':>8}"
+    print(f"\n{'T':>7} {'phase':<8}{'dsv32':>14}{peer:>14}{'ratio':>8}{'dsv32 GB':>10}{peer + ' GB':>14}"
           f"{'mem ratio':>10}")
     for T in args.lengths:
         for phase in ("prefill", "decode"):
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             mem = f"{hf['peak_rss_gb'] / ours['peak_rss_gb']:.1f}x" if "peak_rss_gb" in hf and "peak_rss_gb" in ours \
                 else ""
             print(f"{T:>7} {phase:<8}{fmt(ours):>14}{fmt(hf):>14}{ratio:>8}"
-                  f"{ours.get('peak_rss_gb', float('nan')):>10.2f}{hf.get('peak_rss_gb', float('nan')):>8.2f}{mem:>10}")
+                  f"{ours.get('peak_rss_gb', float('nan')):>10.2f}{hf.get('peak_rss_gb', float('nan')):>14.2f}{mem:>10}")
     if args.json:
         args.json.write_text(json.dumps({
             "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
