@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = f"{r:.1f}x"
             mem = f"{hf['peak_rss_gb'] / ours['peak_rss_gb']:.1f}x" if "peak_rss_gb" in hf and "peak_rss_gb" in ours \
                 else ""
-            print(f"{T:>7} {phase:<8}{fmt(ours):>14}{fmt(hf):>14}{ratio:>8}"
-                  f"{ours.get('peak_rss_gb', float('nan')):>10.2f}{hf.get('peak_rss_gb', float('nan')):>14.2f}{mem:>10}")
+            gb_ours, gb_peer = ours.get("peak_rss_gb", float("nan")), hf.get("peak_rss_gb", float("nan"))
+            print(f"{T:>7} {phase:<8}{fmt(ours):>14}{fmt(hf):>14}{ratio:>8}{gb_ours:>10.2f}{gb_peer:>14.2f}{mem:>10}")
     if args.json:
         args.json.write_text(json.dumps({
             "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
