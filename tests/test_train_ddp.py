@@ -64,3 +64,42 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(data_dir: Path, tm
         else:
             torch.testing.assert_close(w2[k], v, rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_fsdp2_two_ranks_equal_one_process_and_resume_across_layouts(data_dir: Path, tmp_path: Path) -> None:
+    """`--fsdp` (FSDP2 over gloo): the same losses and weights as one process, and a checkpoint written by the
+    replicated run resumes under FSDP (and the FSDP run's checkpoint holds the same full tensors)."""
+    one, fsdp, resumed = tmp_path / "one", tmp_path / "fsdp", tmp_path / "resumed"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsv32",
+                "train", "--data", str(data_dir), *FLAGS, "--batch-size", "2", "--fsdp"]
+    _run([sys.executable, "-m", "dsv32", "train", "--data", str(data_dir), *FLAGS, "--out", str(one),
+          "--batch-size", "4"])
+    _run([*torchrun, "--out", str(fsdp)])
+    # resume under FSDP from the replicated run's step-3 checkpoint
+    resumed.mkdir()
+    (resumed / "ckpt").mkdir()
+    import shutil
+
+    shutil.copytree(one / "ckpt" / "step_000003", resumed / "ckpt" / "step_000003")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _metrics(one)[:3]))
+    _run([*torchrun, "--out", str(resumed), "--resume"])
+
+    ref = _metrics(one)
+    for other in (fsdp, resumed):
+        got = _metrics(other)
+        assert [r["step"] for r in got] == [r["step"] for r in ref], other.name
+        for a, b in zip(ref, got):
+            assert a["tokens"] == b["tokens"]
+            for k in ("loss", "lm_loss", "mtp_loss", "balance_loss", "val_loss", "grad_norm"):
+                if k in a:
+                    assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (other.name, a["step"], k, a[k], b[k])
+    w1 = ckpt.load_parts(one / "ckpt" / "step_000006", ["model", "optimizer"])
+    for other in (fsdp, resumed):
+        w2 = ckpt.load_parts(other / "ckpt" / "step_000006", ["model", "optimizer"])
+        assert w2["model"].keys() == w1["model"].keys()
+        for k, v in w1["model"].items():
+            torch.testing.assert_close(w2["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        s1, s2 = w1["optimizer"]["state"], w2["optimizer"]["state"]
+        assert set(s2) == set(s1), (other.name, set(s2) ^ set(s1))
+        for i in s1:
+            torch.testing.assert_close(s2[i]["exp_avg_sq"], s1[i]["exp_avg_sq"], rtol=1e-3, atol=1e-9)

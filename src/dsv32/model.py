@@ -17,7 +17,7 @@ except the routed experts, which are stacked per layer ([E, ...]) so MoE runs ba
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -487,35 +487,39 @@ class MTPLayer(Block):
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward_mtp(self, h: torch.Tensor, next_emb: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    def forward_mtp(
+        self, h: torch.Tensor, next_emb: torch.Tensor, ctx: _Ctx
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h [B,S,D] previous depth's hidden (before any final norm), next_emb [B,S,D] = embed(token t+1+j)
-        -> this depth's hidden [B,S,D] (un-normed; ``shared_head.norm`` it for logits)."""
+        -> (this depth's hidden [B,S,D] for the next depth, its ``shared_head.norm`` [B,S,D] for logits).
+
+        Every parameter of the module is used inside this one call (FSDP2 gathers them around it)."""
         x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
-        return super().forward(x, ctx)
+        h = super().forward(x, ctx)
+        return h, self.shared_head.norm(h)
 
 
 # ======================================================================================== model
 
 
-@dataclass
 class _Ctx:
-    """Per-forward state threaded through the blocks (positions, RoPE tables, cache, options, outputs)."""
+    """Per-forward state threaded through the blocks (positions, RoPE tables, cache, options, outputs).
 
-    positions: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    cache: MLACache | None
-    cache_rows: torch.Tensor | None
-    use_dsa: bool
-    topk: int | None
-    form: str
-    want_aux: bool
-    want_scores: bool
-    forced_routes: list[torch.Tensor] | None
-    moe_i: int = 0
-    routes: list[torch.Tensor] = field(default_factory=list)
-    router_scores: list[torch.Tensor] = field(default_factory=list)
-    aux: list[AttnAux] = field(default_factory=list)
+    A plain class, not a dataclass: FSDP2 rebuilds dataclass arguments that hold grad-requiring tensors
+    (to hook them), and the blocks' appends to ``routes``/``router_scores``/``aux`` would land in the copy.
+    """
+
+    def __init__(self, *, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: MLACache | None,
+                 cache_rows: torch.Tensor | None, use_dsa: bool, topk: int | None, form: str, want_aux: bool,
+                 want_scores: bool, forced_routes: list[torch.Tensor] | None, moe_i: int = 0) -> None:
+        self.positions, self.cos, self.sin = positions, cos, sin
+        self.cache, self.cache_rows = cache, cache_rows
+        self.use_dsa, self.topk, self.form = use_dsa, topk, form
+        self.want_aux, self.want_scores = want_aux, want_scores
+        self.forced_routes, self.moe_i = forced_routes, moe_i
+        self.routes: list[torch.Tensor] = []
+        self.router_scores: list[torch.Tensor] = []
+        self.aux: list[AttnAux] = []
 
 
 @dataclass
@@ -701,9 +705,9 @@ class Transformer(nn.Module):
                 moe_i=ctx.moe_i,
             )
             next_emb = self.embed_tokens(input_ids[:, 1 + j : 1 + j + S])
-            h = m.forward_mtp(h[:, :S], next_emb, sub)
+            h, normed = m.forward_mtp(h[:, :S], next_emb, sub)
             ctx.routes.extend(sub.routes)
             ctx.router_scores.extend(sub.router_scores)
             ctx.moe_i = sub.moe_i
-            outs.append(m.shared_head.norm(h))
+            outs.append(normed)
         return outs

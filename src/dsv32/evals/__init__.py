@@ -202,7 +202,9 @@ def base_settings(args: Any, mode: str, k: int | None) -> dict[str, Any]:
     """Settings every result carries."""
     indexer = "n/a (dense)" if mode == "dense" else ("n/a (window)" if mode == "window" else None)
     if indexer is None:
-        if args.indexer:
+        if getattr(args, "weights", None):
+            indexer = f"from --weights {args.weights}"
+        elif args.indexer:
             indexer = str(args.indexer)
         elif args.model.lower() == SMOLLM2_DSA:
             indexer = "shipped (assets/indexers/smollm2-135m)"
@@ -216,15 +218,40 @@ def base_settings(args: Any, mode: str, k: int | None) -> dict[str, Any]:
         "model": args.model, "context": args.context, "mode": mode, "topk": k if mode == "topk" else None,
         "window": k if mode == "window" else None, "sinks": 4 if mode == "window" else None, "indexer": indexer,
         "sparse_impl": None if mode == "dense" else getattr(args, "sparse_impl", "op"),
+        "weights": str(args.weights) if getattr(args, "weights", None) else None,
         "seed": args.seed, "dsv32": dsv32.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "command": "dsv32 eval " + " ".join(sys.argv[2:])
         if sys.argv[1:2] == ["eval"] else None,
     }
 
 
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a whole trained state over ``model``: a checkpoint directory of ``dsv32 train``/``dsv32 sparsify``
+    (its ``model`` part; stage 2 trains every weight) or a ``.safetensors`` state dict. Every tensor of the
+    model must be present with its shape (a stage-1 checkpoint holds only indexers: use ``--indexer``)."""
+    path = Path(path)
+    if path.is_dir():
+        from dsv32.train import checkpointing as ckpt
+
+        found = ckpt.latest_valid(path / "ckpt") if (path / "ckpt").is_dir() else None
+        state = ckpt.load_parts(found[0] if found else path, ["model"])["model"]
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        raise SystemExit(f"--weights {path}: not a checkpoint directory or a .safetensors file")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"--weights {path}: does not fit the model (missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]})")
+
+
 def prepare_model(args: Any, mode: str, k: int | None) -> tuple[nn.Module, Any]:
     model, tok = load_eval_model(args.model, dsa=mode != "dense", topk=k, index_heads=args.index_heads,
                                  seed=args.seed, indexer=args.indexer)
+    if getattr(args, "weights", None):
+        load_weights(model, args.weights)
     if getattr(args, "random_indexer", False):
         reset = getattr(model, "reset_indexer", None)
         if reset is not None:
@@ -262,6 +289,9 @@ def add_common_args(p: Any) -> None:
     m.add_argument("--dense", action="store_true", help="dense attention (the default)")
     m.add_argument("--window", type=int, help="sliding window: 4 sink tokens + the last K-4 keys")
     p.add_argument("--indexer", type=Path, help="indexer weights (safetensors from dsv32 sparsify)")
+    p.add_argument("--weights", type=Path,
+                   help="all weights from a training run: a sparsify stage-2 or train run directory (newest valid "
+                   "checkpoint), one checkpoint directory, or a .safetensors state dict")
     p.add_argument("--random-indexer", action="store_true", help="re-initialise the indexers randomly (seeded)")
     p.add_argument("--index-heads", type=int, help="Llama family: indexer heads (must match --indexer)")
     p.add_argument("--tokenizer", help="tokenizer (default: the model's)")

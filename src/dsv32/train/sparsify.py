@@ -112,6 +112,9 @@ def _main_logits_at(aux: Any, sl: slice | torch.Tensor, idx: torch.Tensor) -> to
     return s.reshape(B, C, H, -1) * aux.scale
 
 
+_SPARSE_GQA = ops.sparse_gqa  # bound at import, before any evaluation-mode patch
+
+
 @torch.no_grad()
 def _sparse_lse(aux: Any, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Per-head log-sum-exp over the selected keys, from the sparse attention op itself -> [B,C,H]."""
@@ -119,7 +122,8 @@ def _sparse_lse(aux: Any, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.
         q, kv = aux.q_latent[:, sl].detach(), aux.kv_latent.detach()
         return ops.sparse_mla(q, kv, idx, v_dim=1, scale=aux.scale)[1].float()  # only lse is used
     q, k = aux.q[:, sl].detach(), aux.k.detach()
-    return ops.sparse_gqa(q, k, k[..., :1], idx, scale=aux.scale)[1].float()
+    # the op itself even under ``--sparse-impl masked``, which swaps ops.sparse_gqa for a kernel without lse
+    return _SPARSE_GQA(q, k, k[..., :1], idx, scale=aux.scale)[1].float()
 
 
 def _indexer_at(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -586,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=50)
     g.add_argument("--diag-every", type=int, default=10, help="stage 2: recall (an extra dense pass) every N steps")
     g.add_argument("--resume", action="store_true")
+    g.add_argument("--sparse-impl", choices=("op", "masked"), default="op",
+                   help="stage 2, Llama family: sparse attention as ops.sparse_gqa or as SDPA under the top-k mask "
+                        "(same keys and softmax; several times faster on CPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0)
     g.add_argument("--no-progress", action="store_true")
@@ -714,7 +721,9 @@ def run(args: argparse.Namespace) -> int:
         log(f"step {step}: saved {path} ({reason})")
 
     bar = tqdm(total=args.max_steps, initial=step, disable=args.no_progress, unit="step", dynamic_ncols=True)
-    with ckpt.GracefulStop() as stopper:
+    from dsv32.evals import mode_context
+
+    with ckpt.GracefulStop() as stopper, mode_context("topk", getattr(args, "sparse_impl", "op")):
         try:
             while step < args.max_steps:
                 t0 = time.perf_counter()

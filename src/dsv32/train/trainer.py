@@ -14,6 +14,11 @@ Notable choices (DeepSeek-V3 report, arXiv:2412.19437, unless noted):
 - Data-parallel over ``torchrun`` (gloo on CPU, nccl on CUDA): every rank reads its own part of the global
   batch (``TokenDataset.batch(..., rank, world_size)``), gradients and expert loads are all-reduced by hand
   (one flat buffer), so ranks stay bit-identical; rank 0 alone writes metrics and checkpoints.
+- ``--fsdp``: the same data parallelism with parameters, gradients and AdamW state sharded over the ranks
+  (PyTorch FSDP2, ``fully_shard`` per decoder block and MTP module, then the root), for models whose
+  replica does not fit one device. Gradients are reduce-scattered as sums (the losses are already global
+  means); checkpoints hold the same full, unsharded tensors as a replicated run, so either kind resumes
+  the other.
 - Checkpoints (``checkpointing.py``): atomic, checksummed, last ``--keep`` kept, saved every ``--save-every``
   steps, at the end, and on SIGINT/SIGTERM (the step in flight finishes, then save, exit 0). ``--resume``
   restores model, optimiser, scheduler, RNG states, router biases and the data position exactly.
@@ -237,6 +242,80 @@ def all_reduce_grads(params: list[nn.Parameter], d: Dist, bucket_bytes: int = 32
             bucket, size = [], 0
 
 
+def shard_model(model: nn.Module, d: Dist) -> None:
+    """FSDP2: shard every decoder block, every MTP module and then the root (embedding, final norm, head) over
+    the ranks. Gradients are reduce-scattered as sums: each rank's loss is already divided by the global
+    count, as in the replicated path. Parameters must be loaded before this call (it shards them in place)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    if d.world < 2:
+        raise SystemExit("dsv32 train: --fsdp shards over ranks; launch with torchrun --nproc-per-node N (N >= 2)")
+    for block in [*model.layers, *model.mtp]:
+        fully_shard(block)
+    for block in model.mtp:  # MTP modules are entered through forward_mtp, not forward
+        register_fsdp_forward_method(block, "forward_mtp")
+    fully_shard(model)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives: gloo has no PREMUL_SUM
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _optimizer_order(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimiser's own order: index i of ``opt.state_dict()`` is name ``order[i]``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The unsharded model and optimiser state (CPU tensors) in the replicated layout: ``model.state_dict()``
+    keys and ``opt.state_dict()``'s integer parameter indices. Collective under FSDP (every rank calls it;
+    rank 0 receives the tensors, the others empty dicts)."""
+    if not is_sharded(model):
+        return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                None if opt is None else opt.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=options)
+    if opt is None:
+        return msd, None
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    if not osd:
+        return msd, {}
+    index = {n: i for i, n in enumerate(_optimizer_order(model, opt))}
+    return msd, {
+        "state": {index[n]: v for n, v in osd["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]],
+    }
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Load ``opt.state_dict()``-layout state (as ``full_state`` writes it), sharding it under FSDP."""
+    if not is_sharded(model):
+        opt.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    order = _optimizer_order(model, opt)
+    fqn = {
+        "state": {order[int(i)]: v for i, v in sd["state"].items()},
+        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in sd["param_groups"]],
+    }
+    # strict=False: parameters that never received a gradient (an unused indexer) have no AdamW state, as in
+    # ``opt.state_dict()`` itself
+    set_optimizer_state_dict(model, opt, fqn, options=StateDictOptions(full_state_dict=True, strict=False))
+    for name, param in model.named_parameters():  # ... and stay without it (the loader initialises one)
+        if name not in fqn["state"]:
+            opt.state.pop(param, None)
+
+
 # ============================================================================================ data
 
 
@@ -374,6 +453,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.n_mtp = len(model.mtp) if mtp_weight > 0 else 0
         self.gates = moe_gates(model, self.n_mtp)
+        self.sharded = is_sharded(model)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
                          else nullcontext())
 
@@ -403,7 +483,6 @@ class Trainer:
         loads = torch.zeros(len(self.gates), E, dtype=torch.float32)
         sums = torch.zeros(3 + n_mtp, dtype=torch.float64)  # lm, balance, stop, mtp_0..
         tokens = 0
-        head = model.head_weight
         want_scores = self.balance_alpha > 0
         for b in batches:
             ids = b.ids.to(dev)
@@ -413,8 +492,10 @@ class Trainer:
             B, S = inp.shape
             tokens += int(valid.sum()) if valid is not None else B * S
             with self.autocast:
-                out = model.forward(inp, compute_logits=False, return_hidden=True, return_mtp=n_mtp > 0,
-                                    return_router_scores=want_scores, return_routes=True, dense=self.dense)
+                # model(...), not model.forward(...): FSDP2 gathers the parameters in forward hooks
+                out = model(inp, compute_logits=False, return_hidden=True, return_mtp=n_mtp > 0,
+                            return_router_scores=want_scores, return_routes=True, dense=self.dense)
+            head = model.head_weight  # after the forward: under FSDP2 the root's gathered weight
             lm = chunked_cross_entropy(out.hidden, head, labels, mask, reduction="sum")
             loss = lm / n_lm
             sums[0] += lm.item()
@@ -434,11 +515,13 @@ class Trainer:
                 loads[i] += expert_load(r.cpu(), E, None if v is None else v.cpu())
             del out, loss
 
-        all_reduce_grads(self.params, d)
+        if not self.sharded:  # FSDP2 reduce-scatters the gradients itself during backward
+            all_reduce_grads(self.params, d)
         if self.clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -473,7 +556,7 @@ class Trainer:
         for ids in batches:
             ids = ids.to(self.d.device)
             with self.autocast:
-                out = self.model.forward(ids[:, :-1], compute_logits=False, return_hidden=True, dense=self.dense)
+                out = self.model(ids[:, :-1], compute_logits=False, return_hidden=True, dense=self.dense)
             total[0] += chunked_cross_entropy(out.hidden, self.model.head_weight, ids[:, 1:], reduction="sum").item()
             total[1] += ids[:, 1:].numel()
         total = self.d.all_reduce(total)
@@ -594,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --- runtime
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimiser state over the ranks (FSDP2)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: cores / ranks)")
     g.add_argument("--peak-flops", type=float, default=None, help="MFU denominator per rank (default: measured)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -694,6 +779,10 @@ def train(args: argparse.Namespace) -> int:
             model = Transformer(_load_model_config(args))
         model.to(d.device).train()
         cfg: ModelConfig = model.config
+        if parts is not None:  # before sharding: fully_shard splits the loaded tensors in place
+            model.load_state_dict(parts["model"])
+        if args.fsdp:
+            shard_model(model, d)
 
         # ---------------------------------------------------------------- data
         tokenizer: Any = None
@@ -730,8 +819,7 @@ def train(args: argparse.Namespace) -> int:
         step, tokens_total = 0, 0
         metrics = MetricsLog(out / "metrics.jsonl", d.main)
         if parts is not None:
-            model.load_state_dict(parts["model"])
-            opt.load_state_dict(parts["optimizer"])
+            load_optimizer_state(model, opt, parts["optimizer"])
             sched.load_state_dict(parts["trainer"]["scheduler"])
             set_rng_state(parts["trainer"]["rng"])
             step, tokens_total = parts["trainer"]["step"], parts["trainer"]["tokens"]
@@ -750,14 +838,16 @@ def train(args: argparse.Namespace) -> int:
             (out / "train_args.json").write_text(json.dumps(_jsonable(args), indent=2) + "\n")
 
         def save(reason: str) -> None:
-            fp = param_fingerprint(model).to(d.device)
-            lo, hi = d.all_reduce(fp.clone(), dist.ReduceOp.MIN), d.all_reduce(fp.clone(), dist.ReduceOp.MAX)
-            if not torch.allclose(lo, hi, rtol=1e-9, atol=0):
-                raise RuntimeError("data-parallel ranks diverged (parameter fingerprints differ)")
+            if not args.fsdp:  # replicas must agree; FSDP ranks hold different shards by design
+                fp = param_fingerprint(model).to(d.device)
+                lo, hi = d.all_reduce(fp.clone(), dist.ReduceOp.MIN), d.all_reduce(fp.clone(), dist.ReduceOp.MAX)
+                if not torch.allclose(lo, hi, rtol=1e-9, atol=0):
+                    raise RuntimeError("data-parallel ranks diverged (parameter fingerprints differ)")
+            model_sd, opt_sd = full_state(model, opt)  # collective under FSDP
             if d.main:
                 parts = {
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": opt.state_dict(),
+                    "model": model_sd,
+                    "optimizer": opt_sd,
                     "trainer": {
                         "step": step,
                         "tokens": tokens_total,
@@ -837,8 +927,17 @@ def train(args: argparse.Namespace) -> int:
                 save("final")
         finally:
             bar.close()
-        if d.main and not args.no_export:
-            _export_final(model, out / "final", tokenizer, log)
+        if not args.no_export:
+            export = model
+            if args.fsdp:  # gather the full weights (collective) into a plain replica on rank 0
+                model_sd, _ = full_state(model, None)
+                if d.main:
+                    from dsv32.model import Transformer
+
+                    export = Transformer(cfg)
+                    export.load_state_dict(model_sd)
+            if d.main:
+                _export_final(export, out / "final", tokenizer, log)
         d.barrier()
     return 0
 
