@@ -207,8 +207,13 @@ def test_gathered_sparse_attention_equals_masked_dense_values_and_grads():
     assert torch.allclose(p.sum(-1), torch.ones(H), atol=1e-5)
 
 
-def test_masked_mha_form_equals_gathered_dsa_values_and_grads():
-    """The paper's masked-MHA mode (dense SDPA under the top-k mask) = the gathered absorbed form."""
+@pytest.mark.parametrize("block", [256, 12])
+def test_masked_mha_form_equals_gathered_dsa_values_and_grads(block, monkeypatch):
+    """The paper's masked-MHA mode (dense SDPA under the top-k mask) = the gathered absorbed form; also with
+    the masked form cut into query blocks whose keys stop at the block's last row (block 12 < S = 40)."""
+    import dsv32.model as model_mod
+
+    monkeypatch.setattr(model_mod, "MASKED_QUERY_BLOCK", block)
     m = make_model()
     ids = ids_for(m, 2, 40)  # index_topk 16 < 40: rows past 16 are sparse
     outs, grads = [], []

@@ -179,6 +179,9 @@ class AttnAux:
     scale: float
 
 
+MASKED_QUERY_BLOCK = 256  # masked DSA form: query rows per SDPA call, each with keys cut at its last row
+
+
 class Attention(nn.Module):
     """Multi-head Latent Attention with DSA (V3 report §2.1.1; V3.2 paper §2.1).
 
@@ -316,7 +319,16 @@ class Attention(nn.Module):
             sel = torch.zeros(B, S, T + 1, dtype=torch.bool, device=q.device)  # column T catches the -1 slots
             sel.scatter_(2, torch.where(idx < 0, T, idx).long(), True)
             mask = sel[..., :T].unsqueeze(1)  # [B,1,S,T]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+            if trivially_causal and S > MASKED_QUERY_BLOCK:
+                # query rows [r0, r1) select only among keys < r1: cut each block's keys there, so the
+                # masked form skips most of the causal upper triangle (0.63 of the full S x T at 4 blocks)
+                o = torch.cat([
+                    F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, :r1], v[:, :, :r1],
+                                                   attn_mask=mask[..., r0:r1, :r1], scale=self.softmax_scale)
+                    for r0, r1 in ((r, min(r + MASKED_QUERY_BLOCK, S)) for r in range(0, S, MASKED_QUERY_BLOCK))
+                ], dim=2)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         elif trivially_causal:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
