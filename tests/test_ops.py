@@ -97,6 +97,9 @@ def test_indexer_topk_random_ties_and_positions(small_blocks):
         q_pos = torch.randint(-2, T + 3, (B, S), generator=g)
         want = ref.indexer_topk(q, w, k, q_pos=q_pos, topk=topk)
         assert torch.equal(cpu.indexer_topk(q, w, k, q_pos=q_pos, topk=topk), want), f"seed {seed}"
+        # ordered=False (the masked form's unsorted top-k): the same set in each row, -1 slots included
+        unordered = cpu.indexer_topk(q, w, k, q_pos=q_pos, topk=topk, ordered=False)
+        assert torch.equal(unordered.sort(-1).values, want.sort(-1).values), f"seed {seed} (unordered)"
 
 
 def test_indexer_topk_fp8_keys_with_scale(small_blocks):

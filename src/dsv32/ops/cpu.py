@@ -85,6 +85,30 @@ def _indexer_scores_chunk(
     return out
 
 
+def _select_topk_set(scores: torch.Tensor, n_visible: torch.Tensor, k: int, topk: int) -> torch.Tensor:
+    """``select_topk(..., ordered=False)`` for T > k: the same set from an *unsorted* ``torch.topk`` (about 2x
+    cheaper on CPU). Of the k+1 values taken, the smallest is dropped; a row whose two smallest are equal (a tie
+    at the boundary) is redone by position, as in the ordered path. -1 marks invisible (-inf) picks."""
+    R = scores.shape[0]
+    vals, idx = scores.topk(k + 1, dim=-1, sorted=False)  # [R,k+1], any order
+    low = vals.topk(2, dim=-1, largest=False)  # the (k+1)-th and k-th largest, [R,2]
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    keep.scatter_(1, low.indices[:, :1], False)
+    idx, vals = idx[keep].view(R, k), vals[keep].view(R, k)
+    ambiguous = ((low.values[:, 0] == low.values[:, 1]) & (n_visible > k)).nonzero().squeeze(-1)  # [A]
+    if ambiguous.numel():
+        rows, thr = scores.index_select(0, ambiguous), low.values[ambiguous, 1:2]  # [A,T], [A,1]
+        above, tied = rows > thr, rows == thr
+        n_tied_needed = k - above.sum(-1, keepdim=True)  # [A,1]
+        pick = above | (tied & (tied.cumsum(-1) <= n_tied_needed))  # exactly k per row, lowest tied positions
+        idx[ambiguous] = pick.nonzero()[:, 1].view(-1, k)
+        vals[ambiguous] = rows.gather(-1, idx[ambiguous])
+    idx = torch.where(torch.isfinite(vals), idx, -1).to(torch.int32)  # a row seeing < k keys: -1 for the rest
+    if k < topk:
+        idx = torch.cat([idx, idx.new_full((R, topk - k), -1)], dim=-1)
+    return idx
+
+
 def select_topk(scores: torch.Tensor, n_visible: torch.Tensor, topk: int, ordered: bool = True) -> torch.Tensor:
     """Deterministic top-k of each row: scores [R,T] (-inf where invisible), n_visible [R] -> [R,topk] int32.
 
@@ -98,6 +122,8 @@ def select_topk(scores: torch.Tensor, n_visible: torch.Tensor, topk: int, ordere
     k = min(topk, T)
     if k == 0:
         return torch.full((R, topk), -1, dtype=torch.int32, device=scores.device)
+    if not ordered and T > k:
+        return _select_topk_set(scores, n_visible, k, topk)
     vals, idx = scores.topk(min(k + 1, T), dim=-1, sorted=True)  # [R,k(+1)] descending
     if T > k:
         # (a row seeing <= k keys keeps them all, whatever topk did with its -inf slots)
