@@ -708,7 +708,7 @@ def _export_final(model: nn.Module, out: Path, tokenizer_spec: Any, log: Callabl
         try:
             if hasattr(tokenizer_spec, "save"):
                 tokenizer_spec.save(out)
-            elif Path(str(tokenizer_spec)).expanduser().exists():
+            else:  # a path or a bundled name (e.g. dsv32-small-8k): the export must be usable on its own
                 from dsv32.tokenizer import load_tokenizer
 
                 load_tokenizer(tokenizer_spec).save(out)
