@@ -411,15 +411,14 @@ class Experts(nn.Module):
         # unbind once: indexing a stacked parameter per expert would make each expert's backward write a
         # full-size zero gradient; unbind's backward stacks the per-expert gradients once
         w1, w3, w2 = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        # split, not per-expert slices: a slice's backward writes a zero-filled [N*K,D] gradient per expert,
+        # split's backward is one concatenation
         ys = []
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
+        for e, (xe, we) in enumerate(zip(xs.split(counts), ws.split(counts), strict=True)):
+            if counts[e] == 0:
                 continue
-            xe = xs[start : start + c]
             h = F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())
-            ys.append((h @ w2[e].t()) * ws[start : start + c])
-            start += c
+            ys.append((h @ w2[e].t()) * we)
         out = torch.zeros_like(x)
         return out.index_add_(0, token_of, torch.cat(ys)) if ys else out
 
