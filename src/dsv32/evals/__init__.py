@@ -233,8 +233,14 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if path.is_dir():
         from dsv32.train import checkpointing as ckpt
 
-        found = ckpt.latest_valid(path / "ckpt") if (path / "ckpt").is_dir() else None
-        state = ckpt.load_parts(found[0] if found else path, ["model"])["model"]
+        if (path / "ckpt").is_dir():  # a run directory: its newest valid checkpoint
+            found = ckpt.latest_valid(path / "ckpt")
+            if found is None:
+                raise SystemExit(f"--weights {path}: no valid checkpoint under {path / 'ckpt'}")
+            path = found[0]
+        if not (path / ckpt.MANIFEST).is_file():
+            raise SystemExit(f"--weights {path}: not a checkpoint directory (no {ckpt.MANIFEST})")
+        state = ckpt.load_parts(path, ["model"])["model"]
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -85,6 +85,15 @@ def _indexer_scores_chunk(
     return out
 
 
+def _topk_lowest_tied(rows: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
+    """rows [A,T] whose k-th largest value ``thr`` [A,1] is tied across the top-k boundary -> the k positions
+    [A,k] (ascending) above ``thr`` plus the lowest-positioned tied ones: the reference's stable-sort rule."""
+    above, tied = rows > thr, rows == thr
+    n_tied_needed = k - above.sum(-1, keepdim=True)  # [A,1]
+    keep = above | (tied & (tied.cumsum(-1) <= n_tied_needed))  # exactly k per row
+    return keep.nonzero()[:, 1].view(-1, k)
+
+
 def _select_topk_set(scores: torch.Tensor, n_visible: torch.Tensor, k: int, topk: int) -> torch.Tensor:
     """``select_topk(..., ordered=False)`` for T > k: the same set from an *unsorted* ``torch.topk`` (about 2x
     cheaper on CPU). Of the k+1 values taken, the smallest is dropped; a row whose two smallest are equal (a tie
@@ -97,11 +106,8 @@ def _select_topk_set(scores: torch.Tensor, n_visible: torch.Tensor, k: int, topk
     idx, vals = idx[keep].view(R, k), vals[keep].view(R, k)
     ambiguous = ((low.values[:, 0] == low.values[:, 1]) & (n_visible > k)).nonzero().squeeze(-1)  # [A]
     if ambiguous.numel():
-        rows, thr = scores.index_select(0, ambiguous), low.values[ambiguous, 1:2]  # [A,T], [A,1]
-        above, tied = rows > thr, rows == thr
-        n_tied_needed = k - above.sum(-1, keepdim=True)  # [A,1]
-        pick = above | (tied & (tied.cumsum(-1) <= n_tied_needed))  # exactly k per row, lowest tied positions
-        idx[ambiguous] = pick.nonzero()[:, 1].view(-1, k)
+        rows = scores.index_select(0, ambiguous)  # [A,T]
+        idx[ambiguous] = _topk_lowest_tied(rows, low.values[ambiguous, 1:2], k)
         vals[ambiguous] = rows.gather(-1, idx[ambiguous])
     idx = torch.where(torch.isfinite(vals), idx, -1).to(torch.int32)  # a row seeing < k keys: -1 for the rest
     if k < topk:
@@ -130,11 +136,7 @@ def select_topk(scores: torch.Tensor, n_visible: torch.Tensor, topk: int, ordere
         ambiguous = ((vals[:, k] == vals[:, k - 1]) & (n_visible > k)).nonzero().squeeze(-1)  # [A]
         idx = idx[:, :k]
         if ambiguous.numel():
-            rows, thr = scores.index_select(0, ambiguous), vals[ambiguous, k - 1 : k]  # [A,T], [A,1]
-            above, tied = rows > thr, rows == thr
-            n_tied_needed = k - above.sum(-1, keepdim=True)  # [A,1]
-            keep = above | (tied & (tied.cumsum(-1) <= n_tied_needed))  # exactly k per row, lowest tied positions
-            idx[ambiguous] = keep.nonzero()[:, 1].view(-1, k)
+            idx[ambiguous] = _topk_lowest_tied(scores.index_select(0, ambiguous), vals[ambiguous, k - 1 : k], k)
     # canonical order (score desc, position asc): topk's order already is, except inside runs of equal scores,
     # so only rows holding a tie (or redone above) pay for the two sorts
     redo = (vals[:, 1:k] == vals[:, : k - 1]).any(-1) if ordered else vals.new_zeros(R, dtype=torch.bool)  # [R]

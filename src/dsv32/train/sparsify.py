@@ -112,9 +112,6 @@ def _main_logits_at(aux: Any, sl: slice | torch.Tensor, idx: torch.Tensor) -> to
     return s.reshape(B, C, H, -1) * aux.scale
 
 
-_SPARSE_GQA = ops.sparse_gqa  # bound at import, before any evaluation-mode patch
-
-
 @torch.no_grad()
 def _sparse_lse(aux: Any, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Per-head log-sum-exp over the selected keys, from the sparse attention op itself -> [B,C,H]."""
@@ -122,8 +119,8 @@ def _sparse_lse(aux: Any, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.
         q, kv = aux.q_latent[:, sl].detach(), aux.kv_latent.detach()
         return ops.sparse_mla(q, kv, idx, v_dim=1, scale=aux.scale)[1].float()  # only lse is used
     q, k = aux.q[:, sl].detach(), aux.k.detach()
-    # the op itself even under ``--sparse-impl masked``, which swaps ops.sparse_gqa for a kernel without lse
-    return _SPARSE_GQA(q, k, k[..., :1], idx, scale=aux.scale)[1].float()
+    # the backend's op, not ``ops.sparse_gqa``: ``--sparse-impl masked`` swaps that for a kernel without lse
+    return ops.backend_for(q, "sparse_gqa").sparse_gqa(q, k, k[..., :1], idx, scale=aux.scale)[1].float()
 
 
 def _indexer_at(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

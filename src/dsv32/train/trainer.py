@@ -273,6 +273,15 @@ def _optimizer_order(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     return [names[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
+def _rekey_optimizer_state(sd: dict[str, Any], key: Callable[[Any], Any]) -> dict[str, Any]:
+    """An optimiser state dict with every parameter key (in ``state`` and in the groups' ``params``) mapped by
+    ``key``: between ``opt.state_dict()``'s integer indices and the parameter names DCP uses."""
+    return {
+        "state": {key(k): v for k, v in sd["state"].items()},
+        "param_groups": [{**g, "params": [key(k) for k in g["params"]]} for g in sd["param_groups"]],
+    }
+
+
 def full_state(model: nn.Module, opt: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The unsharded model and optimiser state (CPU tensors) in the replicated layout: ``model.state_dict()``
     keys and ``opt.state_dict()``'s integer parameter indices. Collective under FSDP (every rank calls it;
@@ -290,10 +299,7 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer | None) -> tuple[dic
     if not osd:
         return msd, {}
     index = {n: i for i, n in enumerate(_optimizer_order(model, opt))}
-    return msd, {
-        "state": {index[n]: v for n, v in osd["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]],
-    }
+    return msd, _rekey_optimizer_state(osd, index.__getitem__)
 
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
@@ -304,10 +310,7 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     order = _optimizer_order(model, opt)
-    fqn = {
-        "state": {order[int(i)]: v for i, v in sd["state"].items()},
-        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in sd["param_groups"]],
-    }
+    fqn = _rekey_optimizer_state(sd, lambda i: order[int(i)])
     # strict=False: parameters that never received a gradient (an unused indexer) have no AdamW state, as in
     # ``opt.state_dict()`` itself
     set_optimizer_state_dict(model, opt, fqn, options=StateDictOptions(full_state_dict=True, strict=False))
