@@ -1,0 +1,1 @@
+"""Agents (issue 13): sandboxed tools, the agent loop, synthesized environments."""
