@@ -153,7 +153,8 @@ def _bwrap_argv(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path],
     for e in _ETC_FILES:
         if os.path.exists(e):
             cmd += ["--ro-bind", e, e]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(SANDBOX_TMP_MB << 20), "--tmpfs", "/tmp"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(SANDBOX_TMP_MB << 20),
+            "--tmpfs", "/tmp"]
     # binds, shallow first so nested ones land on top; the scratch dir is the only writable one
     binds = [(p.resolve(), "--ro-bind") for p in [*python_roots(python), *ro_paths]]
     binds.append((scratch.resolve(), "--bind"))
@@ -194,9 +195,10 @@ def sandbox_env(scratch: Path) -> dict[str, str]:
     }
 
 
-def _fresh_uid() -> int:
-    """A uid no other process uses, so RLIMIT_NPROC counts only this sandbox (root mode)."""
-    return 2_000_000 + secrets.randbelow(1_000_000_000)
+def sandbox_uid() -> int | None:
+    """As root: a fresh uid no other process uses, so RLIMIT_NPROC counts only this sandbox. As a user: None
+    (the user namespace maps the caller's own uid)."""
+    return 2_000_000 + secrets.randbelow(1_000_000_000) if os.geteuid() == 0 else None
 
 
 def hand_over(path: Path, uid: int | None) -> None:
@@ -255,10 +257,11 @@ def _unsafe_preexec(limits: Limits) -> Callable[[], None]:
 
 def spawn(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path] = (), limits: Limits = Limits(),
           code_files: dict[str, Path] | None = None, python: str | None = None, unsafe: bool = False,
-          stdin_pipe: bool = True, _probe: bool = False) -> Sandboxed:
+          stdin_pipe: bool = True, uid: int | None = None, _probe: bool = False) -> Sandboxed:
     """Start `argv` in a sandbox with cwd `scratch` (pipes on stdin/stdout/stderr). `code_files` maps paths
-    under `CODE_MOUNT` to host files bound read-only there; with `unsafe=True` argv runs unisolated and
-    refers to the host files instead (callers use `code_path()`)."""
+    under `CODE_MOUNT` to host files bound read-only there; with `unsafe=True` argv runs unisolated and must
+    name the host files instead. `uid` (root mode, from `sandbox_uid()`) lets several sandboxes of one
+    trajectory share the scratch dir's ownership; the caller has then handed the dir over already."""
     scratch = Path(scratch)
     if not scratch.is_dir():
         raise FileNotFoundError(f"scratch directory {scratch} does not exist")
@@ -270,14 +273,17 @@ def spawn(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path] = (), 
         return Sandboxed(proc, None)
     if not _probe:
         require_sandbox()
-    uid = _fresh_uid() if os.geteuid() == 0 else None
-    hand_over(scratch, uid)
+    if os.geteuid() != 0:
+        uid = None
+    elif uid is None:
+        uid = sandbox_uid()
+        hand_over(scratch, uid)
     cmd = _bwrap_argv(argv, scratch=scratch, ro_paths=[Path(p) for p in ro_paths], limits=limits, uid=uid,
                       code_files=code_files or {}, python=python)
     return Sandboxed(subprocess.Popen(cmd, **pipes), uid)
 
 
-class _Drain(threading.Thread):
+class CappedReader(threading.Thread):
     """Reads a pipe to EOF, keeping the first `cap` bytes and counting the rest."""
 
     def __init__(self, pipe, cap: int = OUTPUT_CAP):
@@ -344,7 +350,7 @@ def communicate(box: Sandboxed, stdin: str | None, limits: Limits) -> ExecResult
     """Feed stdin, collect capped output, enforce the wall-clock timeout, always tear the sandbox down."""
     t0 = time.perf_counter()
     proc = box.proc
-    out, err = _Drain(proc.stdout), _Drain(proc.stderr)
+    out, err = CappedReader(proc.stdout), CappedReader(proc.stderr)
     if proc.stdin is not None:
         def feed() -> None:
             try:
