@@ -371,6 +371,52 @@ def test_token_dataset_errors(prepared: Path, tmp_path: Path) -> None:
         ds.num_windows(len(ds))
 
 
+# ---------------------------------------------------------------------------------------- raw text (text.py)
+
+
+class _WordTokenizer:
+    """Word ids for `tokenize_docs` (BOS 0, EOS 1): each word's position in _WORDS, plus 2."""
+
+    bos_id, eos_id = 0, 1
+
+    def encode(self, text: str) -> list[int]:
+        return [_WORDS.index(w) + 2 for w in re.findall(r"[a-z]+", text.lower()) if w in _WORDS]
+
+
+def test_load_split_texts_follows_the_split_rule(corpus: Path, extra_corpus: Path, tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    for name, src in (("main", corpus), ("extra", extra_corpus)):
+        (root / name).mkdir(parents=True)
+        for f in sorted(src.glob("*.txt")):
+            (root / name / f.name).write_bytes(f.read_bytes())
+    assert D.text_sources([root]) == [("extra", root / "extra"), ("main", root / "main")]
+    val, val_names = D.load_split_texts([root], "val")
+    train, train_names = D.load_split_texts([root], "train")
+    assert {n.split("/")[0] for n in val_names} == {"main", "extra"}  # every source keeps a val document
+    assert not set(val_names) & set(train_names) and len(val_names) + len(train_names) == 51
+    docs = D.load_text_files([root / "main"], source="main")
+    expect = [f"main/{d.name}" for d, s in zip(docs, D.assign_splits(docs, D.TEXT_VAL_FRACTION)) if s == "val"]
+    assert [n for n in val_names if n.startswith("main/")] == expect
+    capped, capped_names = D.load_split_texts([root], "train", max_chars=500, sources=["main"])
+    assert sum(map(len, capped)) == 500 and all(n.startswith("main/") for n in capped_names)
+    with pytest.raises(FileNotFoundError, match="no val documents"):
+        D.load_split_texts([root], "val", sources=["nope"])
+
+
+def test_tokenize_docs_and_text_windows() -> None:
+    ids = D.tokenize_docs(_WordTokenizer(), ["the of and", "to in"])
+    assert ids.dtype == np.int32 and ids.tolist() == [0, 2, 3, 4, 1, 0, 5, 6, 1]
+    stream = np.arange(500, dtype=np.int32)
+    tw = D.TextWindows(stream, seed=4, batch_size=3, seq_len=16)
+    b = tw.batch(7)
+    assert b.shape == (3, 17) and str(b.dtype) == "torch.int64"
+    assert (b[:, 1:] - b[:, :-1] == 1).all()  # contiguous windows of the stream
+    assert (D.TextWindows(stream, seed=4, batch_size=3, seq_len=16).batch(7) == b).all()  # (seed, step) only
+    assert not (tw.batch(8) == b).all()
+    with pytest.raises(ValueError, match="only 10 tokens"):
+        D.TextWindows(stream[:10], seed=0, batch_size=1, seq_len=16)
+
+
 # ---------------------------------------------------------------------------------------------- synthetic
 
 
