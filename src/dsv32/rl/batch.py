@@ -24,7 +24,7 @@ class Batch:
     input_ids [S, L]; logit_pos [S, T]: the input position whose logits sampled completion token t
     (``P_i - 1 + t``; 0 on padding); targets / token_mask / logp_old [S, T]; kept [S, T, V] bool or None
     (an all-False row = not truncated); routes: per MoE layer [S * L, K] (padding rows route to experts
-    0..K-1, which only padding positions see) or None; rewards [S].
+    0..K-1, which only padding positions see) or None; rewards [S]; input_len [S]: each row's real length.
     """
 
     input_ids: torch.Tensor
@@ -36,13 +36,14 @@ class Batch:
     routes: list[torch.Tensor] | None
     rewards: torch.Tensor
     temperature: float
+    input_len: torch.Tensor
 
     def to(self, device: torch.device | str) -> Batch:
         mv = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return Batch(mv(self.input_ids), mv(self.logit_pos), mv(self.targets), mv(self.token_mask),
                      mv(self.logp_old), mv(self.kept),
                      [mv(r) for r in self.routes] if self.routes is not None else None,
-                     mv(self.rewards), self.temperature)
+                     mv(self.rewards), self.temperature, mv(self.input_len))
 
 
 def collate(
@@ -104,7 +105,8 @@ def collate(
                     r[i, : rr.shape[0]] = rr.long()
                 routes.append(r.reshape(S * L, K))
     rewards = torch.tensor([float(ro.reward) if ro.reward is not None else 0.0 for ro in rollouts])
-    return Batch(input_ids, logit_pos, targets, token_mask, logp_old, kept, routes, rewards, temps.pop())
+    input_len = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    return Batch(input_ids, logit_pos, targets, token_mask, logp_old, kept, routes, rewards, temps.pop(), input_len)
 
 
 def policy_logprobs(model: torch.nn.Module, batch: Batch, *, forward_kwargs: dict | None = None) -> torch.Tensor:
@@ -121,3 +123,20 @@ def policy_logprobs(model: torch.nn.Module, batch: Batch, *, forward_kwargs: dic
     idx = batch.logit_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # [S, T, D]
     logits = model.logits_from_hidden(h.gather(1, idx))  # [S, T, V]
     return kept_logprobs(logits, batch.targets, batch.kept, temperature=batch.temperature)
+
+
+@torch.no_grad()
+def route_flip_rate(model: torch.nn.Module, batch: Batch, *, forward_kwargs: dict | None = None) -> float:
+    """Share of (position, MoE layer) pairs whose expert set under ``model``'s own routing differs from the
+    recorded routes: what Keep Routing prevents once the weights have moved. Padding positions are left out."""
+    if batch.routes is None:
+        raise ValueError("route_flip_rate needs recorded routes (collate with keep_routing=True)")
+    out = model(batch.input_ids, return_routes=True, compute_logits=False, **(forward_kwargs or {}))
+    S, L = batch.input_ids.shape
+    real = (torch.arange(L, device=batch.input_len.device) < batch.input_len.unsqueeze(-1)).reshape(-1)  # [S*L]
+    flips = total = 0
+    for rec, free in zip(batch.routes, out.routes):  # main layers in order (no MTP: it did not run)
+        differ = (rec.sort(-1).values != free.reshape(S * L, -1).sort(-1).values).any(-1)
+        flips += int((differ & real).sum())
+        total += int(real.sum())
+    return flips / max(total, 1)
