@@ -4,9 +4,12 @@ and the streaming memory bound (a subprocess loading a few-hundred-MB sharded ch
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -474,6 +477,91 @@ def test_error_no_weights(tmp_path: Path, tiny: Transformer) -> None:
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------- atomic save
+def test_resave_keeps_other_files_and_leaves_no_temporaries(tmp_path: Path, tiny: Transformer) -> None:
+    out = tmp_path / "export"
+    save_model(tiny, out, max_shard_bytes=256 * 1024)
+    (out / "README.md").write_text("mine\n")
+    (out / "tok").mkdir()
+    (out / "tok" / "tokenizer.json").write_text("{}")
+    other = _model(seed=1)
+    save_model(other, out)  # unsharded now: the shards and the index go, the user's files stay
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", SINGLE, "tok"]
+    assert (out / "README.md").read_text() == "mine\n" and (out / "tok" / "tokenizer.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    _assert_same_state(other, load_model(out))
+
+
+# A child process saves a tiny model (seed argv[2]) to argv[1] in shards and hangs at one point of the save,
+# named by argv[3] ("write": after the first shard; "swap": after the old export was renamed aside), until
+# the test SIGKILLs it there.
+_HANGING_SAVE = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    import dsv32.checkpoint as C
+    from dsv32.config import ModelConfig
+    from dsv32.model import Transformer
+
+    torch.manual_seed(int(sys.argv[2]))
+    model = Transformer(ModelConfig.from_name("tiny"))
+    if sys.argv[3] == "write":
+        real_save = C.save_file
+        def save_file(tensors, path, **kw):
+            real_save(tensors, path, **kw)
+            time.sleep(600)
+        C.save_file = save_file
+    else:
+        real_rename = os.rename
+        def rename(src, dst):
+            real_rename(src, dst)
+            if ".old-" in str(dst):
+                time.sleep(600)
+        os.rename = rename
+    C.save_model(model, sys.argv[1], max_shard_bytes=256 * 1024)
+""")
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the child never reached the point to kill it at"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("moment", ["write", "swap"])
+def test_save_killed_mid_export_leaves_the_previous_export(tmp_path: Path, tiny: Transformer, moment: str) -> None:
+    """SIGKILL while the new export is half written, or between the two renames that swap it in: the previous
+    export is intact (or put back on the next load) and loads; the next save cleans up and succeeds."""
+    out = tmp_path / "export"
+    save_model(tiny, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = subprocess.Popen([sys.executable, "-c", _HANGING_SAVE, str(out), "1", moment],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    if moment == "write":
+        _kill_when(proc, lambda: any(tmp_path.glob(".export.tmp-*/model-00001-of-*.safetensors")))
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        _assert_same_state(tiny, load_model(out))
+    else:
+        _kill_when(proc, lambda: any(tmp_path.glob(".export.old-*")))
+        assert not out.exists()  # killed inside the swap: only the aside copy holds the previous export
+        with pytest.warns(UserWarning, match="restored from .export.old-"):
+            loaded = load_model(out)
+        _assert_same_state(tiny, loaded)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert proc.returncode == -signal.SIGKILL
+    other = _model(seed=2)
+    save_model(other, out)
+    _assert_same_state(other, load_model(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
 # ---------------------------------------------------------------------------------------------- memory bound

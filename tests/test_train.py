@@ -31,8 +31,9 @@ from dsv32.train.losses import (
     sequence_balance_loss,
     update_router_bias,
 )
-from dsv32.train.trainer import cli_main, flops_per_token, lr_at, param_groups
-from train_fixtures import prepare_word_corpus
+from dsv32.train.run import lr_at
+from dsv32.train.trainer import cli_main, flops_per_token, param_groups
+from train_fixtures import WideByteTok, prepare_word_corpus
 
 # Flags every run here shares: a tiny batch, one thread (runs are compared across processes), quiet.
 COMMON = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--threads", "1", "--lr", "3e-3",
@@ -243,6 +244,73 @@ def test_resume_detects_corrupt_checkpoint_and_uses_previous(
     assert ckpt.verify_checkpoint(out / "ckpt" / "step_000006") is None
     if expect_from == 3:
         assert len(list((out / "ckpt").glob("corrupt-step_000006-*"))) == 1
+
+
+_HANGING_RESAVE = """
+import os, sys, time
+import torch
+from dsv32.train import checkpointing as ckpt
+
+real_rename = os.rename
+def rename(src, dst):  # hang right after the old copy of the step went to the trash
+    real_rename(src, dst)
+    if ".trash-" in str(dst):
+        time.sleep(600)
+os.rename = rename
+ckpt.save_checkpoint(sys.argv[1], 5, {"model": {"w": torch.full((4,), 2.0)}}, keep=None)
+"""
+
+
+def test_resave_of_a_step_killed_mid_swap_keeps_that_step(tmp_path: Path) -> None:
+    """Re-saving step 5 moves the old step_000005 aside before renaming the new one in; a SIGKILL between the two
+    renames must not let the next resume's clean-up delete the only copy of step 5."""
+    root = tmp_path / "ckpt"
+    ckpt.save_checkpoint(root, 4, {"model": {"w": torch.zeros(4)}}, keep=None)
+    ckpt.save_checkpoint(root, 5, {"model": {"w": torch.ones(4)}}, keep=None)
+    proc = subprocess.Popen([sys.executable, "-c", _HANGING_RESAVE, str(root)], env=_env(), stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(root.glob(".trash-step_000005-*")):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the child never reached the swap"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (root / "step_000005").exists()  # killed inside the window: step 5 lives only in the trash
+    with pytest.warns(ckpt.CheckpointWarning, match="restoring"):
+        path, manifest = ckpt.latest_valid(root)
+    assert path.name == "step_000005" and manifest["step"] == 5
+    assert torch.equal(ckpt.load_parts(path)["model"]["w"], torch.ones(4))
+    assert sorted(p.name for p in root.iterdir()) == ["step_000004", "step_000005"]
+    ckpt.save_checkpoint(root, 5, {"model": {"w": torch.full((4,), 3.0)}}, keep=None)  # a re-save completes
+    assert torch.equal(ckpt.load_parts(root / "step_000005")["model"]["w"], torch.full((4,), 3.0))
+    assert sorted(p.name for p in root.iterdir()) == ["step_000004", "step_000005"]
+
+
+def test_preset_takes_the_vocabulary_of_the_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dsv32 data prepare` with another tokenizer, then `dsv32 train --preset tiny`: the model's vocab_size
+    follows the data's manifest (logged), resume agrees, and --vocab-size overrides it."""
+    data = prepare_word_corpus(tmp_path, "alpha beta gamma delta", n_docs=6, seed=0, val_fraction=0.0,
+                               tokenizer=WideByteTok())
+    flags = [*COMMON, "--data", str(data), "--eval-every", "0", "--no-export", "--save-every", "0"]
+    out = tmp_path / "run"
+    assert cli_main([*flags, "--out", str(out), "--max-steps", "1"]) == 0
+    assert "vocab_size 1000 from" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 1000
+    model = ckpt.load_parts(out / "ckpt" / "step_000001", ["model"])["model"]
+    assert model["embed_tokens.weight"].shape[0] == 1000 and math.isfinite(read_metrics(out)[0]["loss"])
+    assert cli_main([*flags, "--out", str(out), "--max-steps", "2", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+    assert cli_main([*flags, "--out", str(tmp_path / "wide"), "--max-steps", "1", "--vocab-size", "1024"]) == 0
+    assert "vocab_size 1000 from" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "wide" / "config.json").read_text())["vocab_size"] == 1024
+    with pytest.raises(SystemExit, match="--vocab-size"):
+        cli_main([*flags, "--out", str(tmp_path / "small"), "--max-steps", "1", "--vocab-size", "512"])
 
 
 def test_continued_training_from_exported_model(base_run: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -13,29 +13,35 @@ Loading streams: the model is built on the meta device, materialised uninitialis
 tensor is copied into place in row chunks, so peak memory stays near the loaded weights' size even for the
 671B model. Before any data is read the whole checkpoint is checked against the model (names, shapes, dtypes,
 scales), and every problem raises :class:`CheckpointError` naming the tensor and the file.
+
+Saving never leaves nothing: :func:`save_model` writes a complete directory next to the destination
+(``.NAME.tmp-<pid>``), then swaps it in with renames (old away to ``.NAME.old-<pid>``, new in, old deleted). A
+kill before the swap leaves the previous export untouched and a temporary the next save removes; a kill between
+the two renames leaves the previous export as ``.NAME.old-<pid>``, which the next save or load puts back.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from dsv32.config import ModelConfig
+from dsv32.model import Transformer
 from dsv32.quant import FP8_MAX
-
-if TYPE_CHECKING:
-    from torch import nn
 
 __all__ = [
     "CheckpointError",
@@ -265,6 +271,8 @@ class _Checkpoint:
 
     def __init__(self, path: str | Path) -> None:
         self.dir = Path(path)
+        if not self.dir.is_dir():
+            _recover_export(self.dir)  # an export killed mid-swap: its previous version is put back
         if not self.dir.is_dir():
             raise FileNotFoundError(f"{self.dir}: not a checkpoint directory")
         cfg_path = self.dir / CONFIG_NAME
@@ -545,8 +553,6 @@ def _stream(ckpt: _Checkpoint, plan: _Plan, dest: Mapping[str, torch.Tensor]) ->
 
 # ---------------------------------------------------------------------------------------------- load
 def _build_model(config: ModelConfig) -> nn.Module:
-    from dsv32.model import Transformer
-
     return Transformer(config)
 
 
@@ -555,8 +561,6 @@ def _set_param_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 
     Done on the meta device, so it costs nothing; tied parameters stay tied.
     """
-    import torch.nn as nn
-
     done: dict[int, nn.Parameter] = {}
     for mod in model.modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
@@ -639,10 +643,139 @@ def save_model(
     128x128 ``weight_scale_inv`` blocks and sets DeepSeek's ``quantization_config``. Every other tensor
     (embedding, head, norms, router, indexer ``weights_proj``/``k_norm``, MTP ``eh_proj``/norms) is written in
     the dtype it has in the model, so the only loss is the FP8 rounding; cast the model to bfloat16 first for
-    files laid out exactly like DeepSeek's. Stale ``model*.safetensors``/index files in ``path`` are removed.
+    files laid out exactly like DeepSeek's. Stale ``model*.safetensors``/index files in ``path`` are removed;
+    its other files (a tokenizer, a README) are kept.
+
+    Atomic: the new directory is written in full beside ``path`` and renamed into place (see the module
+    docstring), so a crash at any moment leaves either the previous export or the new one, never a mix.
     """
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(os.path.abspath(path))
+    if out.is_symlink():  # write where the link points; the link stays
+        out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"save_model: {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _recover_export(out)
+    if os.path.ismount(out) or not os.access(out.parent, os.W_OK):
+        warnings.warn(f"save_model: {out} cannot be swapped in by rename (a mount point, or its parent is not "
+                      "writable); writing in place, so a crash mid-save leaves a partial export", stacklevel=2)
+        out.mkdir(exist_ok=True)
+        for old in _own_files(out):
+            old.unlink()
+        _write_export(model, out, fp8=fp8, max_shard_bytes=max_shard_bytes)
+        return
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        if out.is_dir():  # keep what else lives there: hard links (copies where links fail), never our files
+            own = set(_own_files(out))
+            shutil.copytree(out, tmp, symlinks=True, copy_function=_link_or_copy,
+                            ignore=lambda d, names: [n for n in names if Path(d) / n in own])
+        else:
+            tmp.mkdir()
+        _write_export(model, tmp, fp8=fp8, max_shard_bytes=max_shard_bytes)
+        _fsync(tmp)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _own_files(d: Path) -> list[Path]:
+    """The files :func:`save_model` writes (and replaces) in ``d``."""
+    return [p for p in [*d.glob("model-*-of-*.safetensors"), d / SINGLE_NAME, d / INDEX_NAME, d / CONFIG_NAME]
+            if p.is_file() or p.is_symlink()]
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to disk; best effort where the OS refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``: the old ``out`` goes aside first, and is deleted only after."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    cwd = None
+    try:
+        here = Path.cwd()
+        if here.is_relative_to(out):
+            cwd = here  # the process works inside the export: follow it to the new directory
+    except (FileNotFoundError, ValueError):
+        pass
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out, old)
+        _fsync(out.parent)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+    else:
+        os.rename(tmp, out)
+    _fsync(out.parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    if cwd is not None:
+        try:
+            os.chdir(cwd)
+        except OSError:
+            pass
+
+
+def _recover_export(out: Path) -> None:
+    """Undo what a save killed mid-way left beside ``out``: a previous export moved aside (``.NAME.old-*``) comes
+    back when ``out`` is missing, else it is deleted; temporaries (``.NAME.tmp-*``) of dead processes go."""
+    out = Path(os.path.abspath(out))
+    parent = out.parent
+    if not parent.is_dir() or not out.name:
+        return
+    for p in sorted(parent.glob(f".{out.name}.old-*")):
+        if not out.exists():
+            warnings.warn(f"{out}: restored from {p.name}, left by a save that was interrupted", stacklevel=3)
+            try:
+                os.rename(p, out)
+            except OSError:
+                raise FileNotFoundError(f"{out} is missing; its previous version is in {p}") from None
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process is saving there right now
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_export(model: nn.Module, out: Path, *, fp8: bool, max_shard_bytes: int | None) -> None:
+    """The body of :func:`save_model`: config, weights (and index) into the existing directory ``out``."""
     config: ModelConfig = model.config  # type: ignore[assignment]
     state = model.state_dict()
     n_layers = config.num_hidden_layers
@@ -687,8 +820,6 @@ def save_model(
         shards[-1].append(i)
         size += nbytes
 
-    for old in [*out.glob("model-*-of-*.safetensors"), out / SINGLE_NAME, out / INDEX_NAME]:
-        old.unlink(missing_ok=True)
     weight_map: dict[str, str] = {}
     total = 0
     for si, shard in enumerate(shards):
@@ -700,6 +831,7 @@ def save_model(
             weight_map[name] = fname
             total += t.numel() * t.element_size()
         save_file(tensors, out / fname, metadata={"format": "pt"})
+        _fsync(out / fname)
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -11,6 +11,9 @@ Layout::
 A checkpoint is written into ``OUT/ckpt/.tmp-step_000123-<pid>/``, every file fsynced, then the directory is
 renamed into place in one ``os.rename`` (atomic on POSIX), so a reader sees either the whole checkpoint or
 none. A kill mid-write leaves only a ``.tmp-*`` directory, which the next resume reports and removes.
+Re-saving a step that exists moves the old copy to ``.trash-step_000123-<pid>/`` first (POSIX cannot rename a
+directory over a non-empty one); a kill between the two renames leaves the step only in the trash, so
+:func:`clean_temporaries` puts such a trash directory back instead of deleting it.
 :func:`latest_valid` walks the checkpoints newest first and returns the first whose manifest matches its
 files; corrupt ones (bad checksum, missing or truncated file, no manifest) are reported and moved aside to
 ``OUT/ckpt/corrupt-*`` (never deleted: they may still hold something a person wants).
@@ -79,8 +82,10 @@ def save_checkpoint(root: str | Path, step: int, parts: dict[str, Any], *, keep:
                     info: dict[str, Any] | None = None) -> Path:
     """Write ``parts`` (name -> torch-saveable object, saved as ``name.pt``) as ``root/step_{step:06d}``.
 
-    Atomic (temporary directory + rename); an existing checkpoint of the same step is replaced. Afterwards
-    only the newest ``keep`` checkpoints are kept (``None`` or 0: keep all). ``info`` goes into the manifest.
+    Atomic (temporary directory + rename); an existing checkpoint of the same step is replaced, and at every
+    moment either it or its replacement is a complete ``step_*`` or a trash directory that
+    :func:`clean_temporaries` restores. Afterwards only the newest ``keep`` checkpoints are kept (``None`` or 0:
+    keep all). ``info`` goes into the manifest.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -99,9 +104,12 @@ def save_checkpoint(root: str | Path, step: int, parts: dict[str, Any], *, keep:
     _fsync_dir(tmp)
     final = root / name
     trash = None
-    if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint): swap, then delete
+    if final.exists():  # re-saving a step: swap, then delete (a kill in between: clean_temporaries restores)
         trash = root / f".trash-{name}-{os.getpid()}"
+        if trash.exists():
+            shutil.rmtree(trash)
         os.rename(final, trash)
+        _fsync_dir(root)
     os.rename(tmp, final)
     _fsync_dir(root)
     if trash is not None:
@@ -145,14 +153,23 @@ def verify_checkpoint(path: str | Path) -> str | None:
 
 
 def clean_temporaries(root: str | Path, warn: Callable[[str], None] | None = None) -> None:
-    """Remove ``.tmp-*`` / ``.trash-*`` directories left by a process killed while saving."""
+    """Tidy up after a process killed while saving: remove ``.tmp-*`` directories (never renamed into place)
+    and ``.trash-*`` ones whose step was replaced; a ``.trash-step_N-*`` whose ``step_N`` is missing is the
+    only copy of that step (killed between the two renames of a re-save) and is put back."""
     root = Path(root)
     if not root.is_dir():
         return
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith((".tmp-", ".trash-")):
-            _warn(warn, f"removing {p}: left over from a save that was interrupted")
-            shutil.rmtree(p, ignore_errors=True)
+    leftovers = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".trash-")))
+    for p in leftovers:
+        if p.name.startswith(".trash-"):
+            step_name = p.name.removeprefix(".trash-").rsplit("-", 1)[0]
+            if _STEP_RE.fullmatch(step_name) and not (root / step_name).exists():
+                _warn(warn, f"restoring {root / step_name} from {p.name}: a re-save of that step was interrupted")
+                os.rename(p, root / step_name)
+                _fsync_dir(root)
+                continue
+        _warn(warn, f"removing {p}: left over from a save that was interrupted")
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_valid(root: str | Path, warn: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]] | None:

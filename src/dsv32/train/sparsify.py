@@ -50,6 +50,7 @@ from torch import nn
 
 from dsv32 import ops
 from dsv32.ops.reference import causal_mask
+from dsv32.train.run import RunLoop, lr_at
 
 #: Floats one chunk's [B, C, H, T] main-attention logits may hold (64 MB in fp32).
 CHUNK_FLOATS = 16 << 20
@@ -655,111 +656,81 @@ def sample_rows(seq_len: int, topk: int, n: int, *, seed: int, step: int) -> tor
 
 
 def run(args: argparse.Namespace) -> int:
-    """The sparsify loop (see the module docstring). Returns the exit code."""
-    from tqdm import tqdm
-
-    from dsv32.train import checkpointing as ckpt
-    from dsv32.train.trainer import MetricsLog, lr_at, rng_state, set_rng_state
+    """The sparsify loop (see the module docstring) on ``run.RunLoop``. Returns the exit code."""
+    from dsv32.evals import mode_context
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "ckpt"
-    if not args.resume and ckpt.list_checkpoints(ckpt_root):
-        raise SystemExit(f"dsv32 sparsify: {ckpt_root} holds checkpoints; pass --resume or use a fresh --out")
+    with RunLoop(out, name="dsv32 sparsify", max_steps=args.max_steps, save_every=args.save_every, keep=2,
+                 resume=args.resume, progress=not args.no_progress) as loop:
+        log = loop.log
+        model, tok = _load_model(args)
+        model.train()
+        topk = int(args.topk or model.config.index_topk)
+        get_batch, data_info = _batches(args, tok)
+        ind, trunk = set_trainable(model, args.stage)
+        lr = args.lr if args.lr is not None else (1e-3 if args.stage == 1 else 7.3e-6)
+        groups = [{"params": ind, "lr": lr if args.stage == 1 else args.indexer_lr, "name": "indexer"}]
+        if args.stage == 2:
+            groups.append({"params": trunk, "lr": lr, "name": "trunk"})
+        base_lrs = [g["lr"] for g in groups]
+        opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+        settings = {"stage": args.stage, "model": args.model, "topk": topk, "seq_len": args.seq_len,
+                    "batch_size": args.batch_size, "lr": lr, "indexer_lr": args.indexer_lr if args.stage == 2 else lr,
+                    "seed": args.seed, "data": data_info, "command": "dsv32 sparsify " + " ".join(sys.argv[2:])
+                    if sys.argv[1:2] == ["sparsify"] else None}
+        (out / "sparsify_args.json").write_text(json.dumps(
+            {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "settings": settings},
+            indent=2, default=str) + "\n")
+        log(f"stage {args.stage}: {sum(p.numel() for p in ind) / 1e6:.2f}M indexer parameters"
+            + (f", {sum(p.numel() for p in trunk) / 1e6:.2f}M trunk" if trunk else "")
+            + f"; k={topk}, {args.batch_size}x{args.seq_len} tokens/step; data {data_info.get('tokens')} tokens")
 
-    def log(msg: str) -> None:
-        tqdm.write(msg, file=sys.stderr)
+        def load(parts: dict[str, Any]) -> None:
+            model.load_state_dict(parts["model"], strict=False)  # stage 1 saves the indexers only
+            opt.load_state_dict(parts["optimizer"])
 
-    model, tok = _load_model(args)
-    model.train()
-    topk = int(args.topk or model.config.index_topk)
-    get_batch, data_info = _batches(args, tok)
-    ind, trunk = set_trainable(model, args.stage)
-    lr = args.lr if args.lr is not None else (1e-3 if args.stage == 1 else 7.3e-6)
-    groups = [{"params": ind, "lr": lr if args.stage == 1 else args.indexer_lr, "name": "indexer"}]
-    if args.stage == 2:
-        groups.append({"params": trunk, "lr": lr, "name": "trunk"})
-    base_lrs = [g["lr"] for g in groups]
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    step = 0
-    metrics = MetricsLog(out / "metrics.jsonl", True)
-    found = ckpt.latest_valid(ckpt_root) if args.resume else None
-    if found is not None:
-        parts = ckpt.load_parts(found[0])
-        model.load_state_dict(parts["model"], strict=False)
-        opt.load_state_dict(parts["optimizer"])
-        set_rng_state(parts["trainer"]["rng"])
-        step = int(parts["trainer"]["step"])
-        metrics.truncate_after(step)
-        log(f"resumed from {found[0]} at step {step}")
-    elif (out / "metrics.jsonl").exists():
-        metrics.truncate_after(0)
-    settings = {"stage": args.stage, "model": args.model, "topk": topk, "seq_len": args.seq_len,
-                "batch_size": args.batch_size, "lr": lr, "indexer_lr": args.indexer_lr if args.stage == 2 else lr,
-                "seed": args.seed, "data": data_info, "command": "dsv32 sparsify " + " ".join(sys.argv[2:])
-                if sys.argv[1:2] == ["sparsify"] else None}
-    (out / "sparsify_args.json").write_text(json.dumps(
-        {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "settings": settings},
-        indent=2, default=str) + "\n")
-    log(f"stage {args.stage}: {sum(p.numel() for p in ind) / 1e6:.2f}M indexer parameters"
-        + (f", {sum(p.numel() for p in trunk) / 1e6:.2f}M trunk" if trunk else "")
-        + f"; k={topk}, {args.batch_size}x{args.seq_len} tokens/step; data {data_info.get('tokens')} tokens")
+        def state() -> dict[str, Any]:
+            trained = ({n: p.detach().cpu() for n, p in indexer_params(model).items()} if args.stage == 1
+                       else {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            return {"model": trained, "optimizer": opt.state_dict(), "trainer": {"settings": settings}}
 
-    def save(reason: str) -> None:
-        trained = ({n: p.detach().cpu() for n, p in indexer_params(model).items()} if args.stage == 1
-                   else {k: v.detach().cpu() for k, v in model.state_dict().items()})
-        parts = {"model": trained, "optimizer": opt.state_dict(),
-                 "trainer": {"step": step, "rng": rng_state(), "settings": settings}}
-        path = ckpt.save_checkpoint(ckpt_root, step, parts, keep=2, info={"reason": reason})
-        save_indexers(model, out / "indexer.safetensors", extra={"stage": str(args.stage), "step": str(step)})
-        log(f"step {step}: saved {path} ({reason})")
+        def after_save(step: int) -> None:
+            save_indexers(model, out / "indexer.safetensors", extra={"stage": str(args.stage), "step": str(step)})
 
-    bar = tqdm(total=args.max_steps, initial=step, disable=args.no_progress, unit="step", dynamic_ncols=True)
-    from dsv32.evals import mode_context
-
-    with ckpt.GracefulStop() as stopper, mode_context("topk", getattr(args, "sparse_impl", "op")):
-        try:
-            while step < args.max_steps:
-                t0 = time.perf_counter()
-                for g, base in zip(opt.param_groups, base_lrs):
-                    g["lr"] = lr_at(step, lr=base, min_lr=base / 10, warmup=args.warmup, max_steps=args.max_steps)
-                batch = get_batch(step)
-                opt.zero_grad(set_to_none=True)
-                rows = sample_rows(args.seq_len, topk, args.kl_rows, seed=args.seed, step=step)
-                if args.stage == 1:
-                    res = stage1_step(model, batch[:, :-1], topk=topk, chunk=args.chunk, rows=rows)
-                else:
-                    diag = args.diag_every > 0 and (step + 1) % args.diag_every == 0
-                    res = stage2_step(model, batch, topk=topk, chunk=args.chunk, recall=diag, rows=rows)
-                gn_ind = float(torch.nn.utils.clip_grad_norm_(ind, args.clip))
-                gn_trunk = float(torch.nn.utils.clip_grad_norm_(trunk, args.clip)) if trunk else None
-                opt.step()
-                step += 1
-                dt = time.perf_counter() - t0
-                rec: dict[str, Any] = {
-                    "step": step, "loss": res.kl if args.stage == 1 else res.lm_loss, "kl": res.kl,
-                    "lm_loss": res.lm_loss, "recall": res.recall, "lr": opt.param_groups[0]["lr"],
-                    "grad_norm": gn_ind, "grad_norm_trunk": gn_trunk, "seconds": dt,
-                    "tokens_per_s": batch.shape[0] * (batch.shape[1] - 1) / dt,
-                    "kl_layers": [round(s.kl, 5) for s in res.layers],
-                    "recall_layers": [None if s.recall is None else round(s.recall, 5) for s in res.layers],
-                }
-                metrics.write(rec)
-                bar.update(1)
-                bar.set_postfix(kl=f"{res.kl:.4f}", **({"recall": f"{res.recall:.3f}"} if res.recall else {}),
-                                **({"lm": f"{res.lm_loss:.3f}"} if res.lm_loss is not None else {}))
-                if stopper.requested:
-                    save(f"stopped by {stopper.signal_name or 'signal'}")
-                    break
-                if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-                    save("periodic")
+        def step(i: int) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr_at(i, lr=base, min_lr=base / 10, warmup=args.warmup, max_steps=args.max_steps)
+            batch = get_batch(i)
+            opt.zero_grad(set_to_none=True)
+            rows = sample_rows(args.seq_len, topk, args.kl_rows, seed=args.seed, step=i)
+            if args.stage == 1:
+                res = stage1_step(model, batch[:, :-1], topk=topk, chunk=args.chunk, rows=rows)
             else:
-                save("final")
-        finally:
-            bar.close()
+                diag = args.diag_every > 0 and (i + 1) % args.diag_every == 0
+                res = stage2_step(model, batch, topk=topk, chunk=args.chunk, recall=diag, rows=rows)
+            gn_ind = float(torch.nn.utils.clip_grad_norm_(ind, args.clip))
+            gn_trunk = float(torch.nn.utils.clip_grad_norm_(trunk, args.clip)) if trunk else None
+            opt.step()
+            dt = time.perf_counter() - t0
+            return {
+                "loss": res.kl if args.stage == 1 else res.lm_loss, "kl": res.kl,
+                "lm_loss": res.lm_loss, "recall": res.recall, "lr": opt.param_groups[0]["lr"],
+                "grad_norm": gn_ind, "grad_norm_trunk": gn_trunk, "seconds": dt,
+                "tokens_per_s": batch.shape[0] * (batch.shape[1] - 1) / dt,
+                "kl_layers": [round(s.kl, 5) for s in res.layers],
+                "recall_layers": [None if s.recall is None else round(s.recall, 5) for s in res.layers],
+            }
+
+        def postfix(rec: dict[str, Any]) -> dict[str, str]:
+            return {"kl": f"{rec['kl']:.4f}", **({"recall": f"{rec['recall']:.3f}"} if rec["recall"] else {}),
+                    **({"lm": f"{rec['lm_loss']:.3f}"} if rec["lm_loss"] is not None else {})}
+
+        with mode_context("topk", getattr(args, "sparse_impl", "op")):
+            loop.run(step, state=state, load=load, postfix=postfix, after_save=after_save)
     try:
         plot_sparsify(out)
     except ImportError:

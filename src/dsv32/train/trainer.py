@@ -19,9 +19,12 @@ Notable choices (DeepSeek-V3 report, arXiv:2412.19437, unless noted):
   replica does not fit one device. Gradients are reduce-scattered as sums (the losses are already global
   means); checkpoints hold the same full, unsharded tensors as a replicated run, so either kind resumes
   the other.
-- Checkpoints (``checkpointing.py``): atomic, checksummed, last ``--keep`` kept, saved every ``--save-every``
-  steps, at the end, and on SIGINT/SIGTERM (the step in flight finishes, then save, exit 0). ``--resume``
-  restores model, optimiser, scheduler, RNG states, router biases and the data position exactly.
+- Checkpoints (``run.RunLoop``, the loop sparsify and RL share, over ``checkpointing.py``): atomic,
+  checksummed, last ``--keep`` kept, saved every ``--save-every`` steps, at the end, and on SIGINT/SIGTERM (the
+  step in flight finishes, then save, exit 0). ``--resume`` restores model, optimiser, scheduler, RNG states,
+  router biases and the data position exactly.
+- ``--preset`` on data prepared with another tokenizer takes that tokenizer's vocabulary size from the data's
+  manifest (logged; ``--vocab-size`` overrides).
 - Batches are pure functions of (seed, step, micro-batch, rank), so resuming needs no loader state.
 - MFU = FLOPs/token (``flops_per_token``) x tokens/s / the matmul rate measured at start-up.
 
@@ -37,12 +40,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
-import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -54,14 +53,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv32.chat import encode_chat
+from dsv32.checkpoint import load_model, save_model
 from dsv32.config import ModelConfig
-from dsv32.train import checkpointing as ckpt
+from dsv32.data import TokenDataset, read_manifest
+from dsv32.model import Transformer
+from dsv32.tokenizer import load_tokenizer
 from dsv32.train.losses import (
     chunked_cross_entropy,
     expert_load,
     mtp_targets,
     sequence_balance_loss,
     update_router_bias,
+)
+from dsv32.train.run import (
+    Dist,
+    RunLoop,
+    all_reduce_grads,
+    check_replicas,
+    full_state,
+    is_sharded,
+    load_optimizer_state,
+    lr_at,
+    setup_dist,
 )
 
 # ============================================================================================ FLOPs and MFU
@@ -155,97 +169,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def lr_at(i: int, *, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
-    """Learning rate of the optimiser step with 0-based index ``i``: linear warm-up over ``warmup`` steps,
-    then a cosine from ``lr`` down to ``min_lr``, reached at the last step."""
-    if i < warmup:
-        return lr * (i + 1) / warmup
-    span = max(1, max_steps - 1 - warmup)
-    progress = min(1.0, (i - warmup) / span)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 # ============================================================================================ distributed
-
-
-@dataclass
-class Dist:
-    """This process's place in a data-parallel group (a world of one without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, t: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
-        """The reduced tensor, on ``t``'s device (the collective itself runs on this rank's device: nccl
-        only reduces CUDA tensors). Use the return value; ``t`` may or may not be updated in place."""
-        if self.world == 1:
-            return t
-        x = t.to(self.device)
-        dist.all_reduce(x, op=op)
-        return x.to(t.device)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def broadcast_object(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def setup_dist(device_arg: str) -> Dist:
-    """Read torchrun's environment and join the process group (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device(device_arg)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, local_world, device)
-
-
-def all_reduce_grads(params: list[nn.Parameter], d: Dist, bucket_bytes: int = 32 << 20) -> None:
-    """Sum gradients over ranks in flat buckets (each rank's loss is already divided by the *global* count)."""
-    if d.world == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for g in [*grads, None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-        if bucket and (g is None or size >= bucket_bytes):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            off = 0
-            for b in bucket:
-                b.copy_(flat[off : off + b.numel()].view_as(b))
-                off += b.numel()
-            bucket, size = [], 0
 
 
 def shard_model(model: nn.Module, d: Dist) -> None:
     """FSDP2: shard every decoder block, every MTP module and then the root (embedding, final norm, head) over
     the ranks. Gradients are reduce-scattered as sums: each rank's loss is already divided by the global
     count, as in the replicated path. Parameters must be loaded before this call (it shards them in place)."""
+    # lazy: FSDP takes about a second to import and only --fsdp runs need it
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     if d.world < 2:
@@ -259,64 +190,6 @@ def shard_model(model: nn.Module, d: Dist) -> None:
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives: gloo has no PREMUL_SUM
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def _optimizer_order(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the optimiser's own order: index i of ``opt.state_dict()`` is name ``order[i]``."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
-
-
-def _rekey_optimizer_state(sd: dict[str, Any], key: Callable[[Any], Any]) -> dict[str, Any]:
-    """An optimiser state dict with every parameter key (in ``state`` and in the groups' ``params``) mapped by
-    ``key``: between ``opt.state_dict()``'s integer indices and the parameter names DCP uses."""
-    return {
-        "state": {key(k): v for k, v in sd["state"].items()},
-        "param_groups": [{**g, "params": [key(k) for k in g["params"]]} for g in sd["param_groups"]],
-    }
-
-
-def full_state(model: nn.Module, opt: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The unsharded model and optimiser state (CPU tensors) in the replicated layout: ``model.state_dict()``
-    keys and ``opt.state_dict()``'s integer parameter indices. Collective under FSDP (every rank calls it;
-    rank 0 receives the tensors, the others empty dicts)."""
-    if not is_sharded(model):
-        return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                None if opt is None else opt.state_dict())
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=options)
-    if opt is None:
-        return msd, None
-    osd = get_optimizer_state_dict(model, opt, options=options)
-    if not osd:
-        return msd, {}
-    index = {n: i for i, n in enumerate(_optimizer_order(model, opt))}
-    return msd, _rekey_optimizer_state(osd, index.__getitem__)
-
-
-def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
-    """Load ``opt.state_dict()``-layout state (as ``full_state`` writes it), sharding it under FSDP."""
-    if not is_sharded(model):
-        opt.load_state_dict(sd)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    order = _optimizer_order(model, opt)
-    fqn = _rekey_optimizer_state(sd, lambda i: order[int(i)])
-    # strict=False: parameters that never received a gradient (an unused indexer) have no AdamW state, as in
-    # ``opt.state_dict()`` itself
-    set_optimizer_state_dict(model, opt, fqn, options=StateDictOptions(full_state_dict=True, strict=False))
-    for name, param in model.named_parameters():  # ... and stay without it (the loader initialises one)
-        if name not in fqn["state"]:
-            opt.state.pop(param, None)
 
 
 # ============================================================================================ data
@@ -336,8 +209,6 @@ class PretrainBatches:
     """Windows of the prepared token stream (``dsv32.data.TokenDataset``)."""
 
     def __init__(self, data_dir: str | Path, *, seed: int, batch_size: int, seq_len: int) -> None:
-        from dsv32.data import TokenDataset
-
         self.ds = TokenDataset(data_dir, "train", seed=seed)
         self.vocab_size = self.ds.vocab_size
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -358,8 +229,6 @@ class SFTBatches:
     """
 
     def __init__(self, path: str | Path, tokenizer: Any, *, seed: int, batch_size: int, seq_len: int) -> None:
-        from dsv32.chat import encode_chat
-
         self.rows: list[tuple[list[int], list[int]]] = []
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -436,14 +305,13 @@ class StepStats:
     balance_loss: float
     grad_norm: float
     tokens: int
-    stop: bool
 
 
 class Trainer:
     """The optimisation step and evaluation; the CLI (``train``) wires data, checkpoints and logging around it.
 
-    Reusable by other stages (sparsify, RL): they build a model, an optimiser and batches, then call
-    :meth:`step` with a list of micro-batches per optimiser step.
+    Reusable by other stages: they build a model, an optimiser and batches, then call :meth:`step` with a list
+    of micro-batches per optimiser step (inside a ``run.RunLoop`` step function, as ``train`` does).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, d: Dist, *,
@@ -460,12 +328,8 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
                          else nullcontext())
 
-    def step(self, batches: list[Batch], *, stop_requested: Callable[[], bool] = lambda: False) -> StepStats:
-        """One optimiser step over ``batches`` (this rank's micro-batches). Collective: every rank calls it.
-
-        ``stop_requested`` is polled once the gradients are in; its answer is OR-ed over ranks into
-        ``StepStats.stop`` so that every rank stops after the same step.
-        """
+    def step(self, batches: list[Batch]) -> StepStats:
+        """One optimiser step over ``batches`` (this rank's micro-batches). Collective: every rank calls it."""
         model, d = self.model, self.d
         model.train()
         dev = d.device
@@ -484,7 +348,7 @@ class Trainer:
 
         E = self.gates[0].e_score_correction_bias.numel() if self.gates else 0
         loads = torch.zeros(len(self.gates), E, dtype=torch.float32)
-        sums = torch.zeros(3 + n_mtp, dtype=torch.float64)  # lm, balance, stop, mtp_0..
+        sums = torch.zeros(2 + n_mtp, dtype=torch.float64)  # lm, balance, mtp_0..
         tokens = 0
         want_scores = self.balance_alpha > 0
         for b in batches:
@@ -506,7 +370,7 @@ class Trainer:
                 mj = None if mask is None else mask[:, j + 1 :]
                 lj = chunked_cross_entropy(h, head, mtp_targets(labels, j), mj, reduction="sum")
                 loss = loss + self.mtp_weight / n_mtp * lj / n_mtp_tok[j]
-                sums[3 + j] += lj.item()
+                sums[2 + j] += lj.item()
             route_valid = _route_valid(model, valid, S, n_mtp)
             if want_scores:
                 bal = sum(sequence_balance_loss(s, r, B, v).sum()
@@ -529,8 +393,7 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
-        # One collective for everything else: expert loads, loss sums, the stop flag, the token count.
-        sums[2] = float(stop_requested())
+        # One collective for everything else: expert loads, loss sums, the token count.
         flat = torch.cat([loads.reshape(-1).double(), sums, torch.tensor([float(tokens)], dtype=torch.float64)])
         flat = d.all_reduce(flat)
         loads = flat[: loads.numel()].view_as(loads).float()
@@ -539,7 +402,7 @@ class Trainer:
         update_router_bias([g.e_score_correction_bias for g in self.gates], list(loads), self.bias_speed)
 
         lm_loss = float(sums[0]) / n_lm
-        mtp_loss = sum(float(sums[3 + j]) / n_mtp_tok[j] for j in range(n_mtp)) / n_mtp if n_mtp else 0.0
+        mtp_loss = sum(float(sums[2 + j]) / n_mtp_tok[j] for j in range(n_mtp)) / n_mtp if n_mtp else 0.0
         balance = self.balance_alpha * float(sums[1]) / n_seq
         return StepStats(
             loss=lm_loss + self.mtp_weight * mtp_loss + balance,
@@ -548,7 +411,6 @@ class Trainer:
             balance_loss=balance,
             grad_norm=grad_norm,
             tokens=tokens,
-            stop=float(sums[2]) > 0,
         )
 
     @torch.no_grad()
@@ -565,66 +427,6 @@ class Trainer:
         total = self.d.all_reduce(total)
         self.model.train()
         return float(total[0] / total[1].clamp_min(1))
-
-
-# ============================================================================================ state
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG the process uses, as tensors and plain containers (loadable with ``weights_only=True``)."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def param_fingerprint(model: nn.Module) -> torch.Tensor:
-    """A cheap fp64 summary of every parameter and buffer: equal on all ranks while they stay in lockstep."""
-    sd = model.state_dict()
-    return torch.stack([t.double().sum() + t.double().abs().sum() for t in sd.values()]).sum().reshape(1)
-
-
-class MetricsLog:
-    """``OUT/metrics.jsonl``: one JSON object per optimiser step, appended and flushed as it happens."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop the steps after the checkpoint (they are redone) and any torn last line."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def write(self, rec: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
 
 
 # ============================================================================================ CLI
@@ -646,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, metavar="DIR", help="prepared token directory (dsv32 data prepare)")
     g.add_argument("--sft", type=Path, metavar="JSONL", help='chat fine-tuning: lines of {"messages": [...]}')
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="model vocabulary (default: the preset's, or the --data tokenizer's when they differ)")
     g.add_argument("--tokenizer", default=None, help="tokenizer for --sft (default: --init-from's, else bundled)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per rank")
@@ -688,10 +492,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_model_config(args: argparse.Namespace) -> ModelConfig:
+def _load_model_config(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> ModelConfig:
+    """The config ``--preset``/``--config``/``--init-from`` name, with ``--vocab-size`` applied.
+
+    A preset's vocabulary belongs to its bundled tokenizer; trained on data prepared with another tokenizer
+    (``dsv32 data prepare --tokenizer ...``) it takes that tokenizer's size from the data's manifest instead, and
+    says so. ``--config``/``--init-from`` keep theirs: a file states its vocabulary on purpose.
+    """
     if args.preset:
-        return ModelConfig.from_name(args.preset)
-    return ModelConfig.from_hf(args.config if args.config else args.init_from)
+        cfg = ModelConfig.from_name(args.preset)
+        if args.vocab_size is None and args.data is not None:
+            tok = read_manifest(args.data)["tokenizer"]
+            if tok["vocab_size"] != cfg.vocab_size:
+                if log is not None:
+                    log(f"vocab_size {tok['vocab_size']} from {args.data / 'manifest.json'} (tokenizer "
+                        f"{tok.get('name')!r}) instead of preset {args.preset!r}'s {cfg.vocab_size}; "
+                        "--vocab-size N overrides")
+                cfg = cfg.replace(vocab_size=int(tok["vocab_size"]))
+    else:
+        cfg = ModelConfig.from_hf(args.config if args.config else args.init_from)
+    if args.vocab_size is not None:
+        cfg = cfg.replace(vocab_size=args.vocab_size)
+    return cfg
 
 
 def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
@@ -701,8 +523,6 @@ def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
 def _export_final(model: nn.Module, out: Path, tokenizer_spec: Any, log: Callable[[str], None]) -> None:
     """``OUT/final/``: HF-format weights (``dsv32.save_model``) plus the tokenizer when it is a real file."""
     try:
-        from dsv32.checkpoint import save_model
-
         save_model(model, out)
     except Exception as e:  # the export must never cost the checkpoint that is already on disk
         log(f"warning: could not export {out} ({type(e).__name__}: {e})")
@@ -712,18 +532,23 @@ def _export_final(model: nn.Module, out: Path, tokenizer_spec: Any, log: Callabl
             if hasattr(tokenizer_spec, "save"):
                 tokenizer_spec.save(out)
             else:  # a path or a bundled name (e.g. dsv32-small-8k): the export must be usable on its own
-                from dsv32.tokenizer import load_tokenizer
-
                 load_tokenizer(tokenizer_spec).save(out)
         except Exception as e:
             log(f"warning: tokenizer not copied to {out} ({e})")
     log(f"exported {out}")
 
 
-def train(args: argparse.Namespace) -> int:
-    """Run the training described by ``args`` (see ``build_parser``). Returns the process exit code."""
-    from tqdm import tqdm
+def _arch(c: ModelConfig) -> dict[str, Any]:
+    """What a config computes (speed-only switches left out): a resumed run must match it."""
+    return {k: v for k, v in c.to_hf().items() if k.removeprefix("dsv32_") not in ModelConfig._SPEED_ONLY}
 
+
+def train(args: argparse.Namespace) -> int:
+    """Run the training described by ``args`` (see ``build_parser``). Returns the process exit code.
+
+    The model, data and :class:`Trainer` step are built here; resume, checkpoints, metrics and the graceful stop
+    are ``run.RunLoop``'s.
+    """
     if args.data is None and args.sft is None:
         raise SystemExit("dsv32 train: give --data DIR and/or --sft JSONL")
     d = setup_dist(args.device)
@@ -732,54 +557,23 @@ def train(args: argparse.Namespace) -> int:
     elif d.device.type == "cpu" and d.local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world))
     out: Path = args.out
-    ckpt_root = out / "ckpt"
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
 
-    def log(msg: str) -> None:
-        if d.main:
-            tqdm.write(msg, file=sys.stderr)
-
-    with ckpt.GracefulStop() as stopper:
-        # ---------------------------------------------------------------- where do we start?
-        # rank 0 decides (and cleans up); the others follow, so an error stops every rank alike
-        start: tuple[str | None, str | None] = (None, None)  # (checkpoint to resume, error)
-        if d.main:
-            out.mkdir(parents=True, exist_ok=True)
-            if args.resume:
-                found = ckpt.latest_valid(ckpt_root, warn=lambda m: warnings.warn(m, ckpt.CheckpointWarning,
-                                                                                  stacklevel=2))
-                start = (str(found[0]) if found else None, None)
-                if found is None:
-                    log("--resume: no checkpoint yet, starting from scratch")
-            elif ckpt.list_checkpoints(ckpt_root):
-                start = (None, f"dsv32 train: {ckpt_root} already holds checkpoints; pass --resume to continue, "
-                               "or use a fresh --out")
-        resume_from, error = d.broadcast_object(start)
-        if error:
-            raise SystemExit(error)
-
+    with RunLoop(out, name="dsv32 train", max_steps=args.max_steps, save_every=args.save_every, keep=args.keep,
+                 resume=args.resume, d=d, progress=not args.no_progress) as loop:
+        log = loop.log
         # ---------------------------------------------------------------- model
         torch.manual_seed(args.seed)
-        parts = ckpt.load_parts(resume_from) if resume_from is not None else None
+        parts = loop.resume_parts
         if parts is not None:  # the checkpoint's config is authoritative (an --init-from dir may be gone)
-            from dsv32.model import Transformer
-
             saved = ModelConfig.from_dict(parts["trainer"]["model_config"])
-            def arch(c: ModelConfig) -> dict:
-                return {k: v for k, v in c.to_hf().items()
-                        if k.removeprefix("dsv32_") not in ModelConfig._SPEED_ONLY}
-
-            if not args.init_from and arch(_load_model_config(args)) != arch(saved):
-                raise SystemExit(f"dsv32 train: {resume_from} was trained with a different model config")
+            if not args.init_from and _arch(_load_model_config(args)) != _arch(saved):
+                raise SystemExit(f"dsv32 train: {loop.resume_checkpoint} was trained with a different model config")
             model = Transformer(saved)
         elif args.init_from:
-            from dsv32.checkpoint import load_model
-
             model = load_model(args.init_from)
         else:
-            from dsv32.model import Transformer
-
-            model = Transformer(_load_model_config(args))
+            model = Transformer(_load_model_config(args, log))
         model.to(d.device).train()
         cfg: ModelConfig = model.config
         if parts is not None:  # before sharding: fully_shard splits the loaded tensors in place
@@ -790,8 +584,6 @@ def train(args: argparse.Namespace) -> int:
         # ---------------------------------------------------------------- data
         tokenizer: Any = None
         if args.sft:
-            from dsv32.tokenizer import load_tokenizer
-
             tokenizer = load_tokenizer(args.tokenizer or args.init_from)
             batches: Any = SFTBatches(args.sft, tokenizer, seed=args.seed, batch_size=args.batch_size,
                                       seq_len=args.seq_len)
@@ -799,12 +591,12 @@ def train(args: argparse.Namespace) -> int:
             batches = PretrainBatches(args.data, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len)
             tokenizer = batches.ds.manifest["tokenizer"].get("name")
         if batches.vocab_size > cfg.vocab_size:
+            fix = ("--vocab-size N or a --config with a larger vocab_size" if not args.init_from and parts is None
+                   else "a tokenizer whose ids fit the model")
             raise SystemExit(f"dsv32 train: the data uses {batches.vocab_size} token ids but the model's "
-                             f"vocab_size is {cfg.vocab_size}")
+                             f"vocab_size is {cfg.vocab_size}; use {fix}")
         val = None
         if args.data is not None and args.eval_every > 0:
-            from dsv32.data import TokenDataset
-
             val = TokenDataset(args.data, "val", seed=args.seed)
             if val.num_tokens <= args.seq_len:
                 log(f"validation split has {val.num_tokens} tokens (< seq_len + 1): no validation")
@@ -818,55 +610,41 @@ def train(args: argparse.Namespace) -> int:
             / args.lr)
         trainer = Trainer(model, opt, sched, d, mtp_weight=args.mtp_weight, balance_alpha=args.balance_alpha,
                           bias_update_speed=args.bias_update_speed, clip=args.clip, dense=args.dense)
+        layout = {"batch_size": args.batch_size, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
+                  "world_size": d.world}
+        tokens_total = 0
 
-        step, tokens_total = 0, 0
-        metrics = MetricsLog(out / "metrics.jsonl", d.main)
-        if parts is not None:
+        def load(parts: dict[str, Any]) -> None:
+            nonlocal tokens_total
             load_optimizer_state(model, opt, parts["optimizer"])
             sched.load_state_dict(parts["trainer"]["scheduler"])
-            set_rng_state(parts["trainer"]["rng"])
-            step, tokens_total = parts["trainer"]["step"], parts["trainer"]["tokens"]
+            tokens_total = parts["trainer"]["tokens"]
             was = parts["trainer"]["data"]
-            now = {"batch_size": args.batch_size, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
-                   "world_size": d.world}
-            if {k: was.get(k) for k in now} != now and d.main:
-                log(f"warning: resuming with a different batch layout ({was} -> {now}); the data order changes")
-            metrics.truncate_after(step)
-            log(f"resumed from {resume_from} at step {step}")
-            del parts
-        elif d.main and (out / "metrics.jsonl").exists():
-            metrics.truncate_after(0)
+            if {k: was.get(k) for k in layout} != layout:
+                log(f"warning: resuming with a different batch layout ({was} -> {layout}); the data order changes")
+
+        def state() -> dict[str, Any] | None:
+            if not args.fsdp:  # replicas must agree; FSDP ranks hold different shards by design
+                check_replicas(model, d)
+            model_sd, opt_sd = full_state(model, opt)  # collective under FSDP
+            if not d.main:
+                return None
+            return {
+                "model": model_sd,
+                "optimizer": opt_sd,
+                "trainer": {
+                    "tokens": tokens_total,
+                    "scheduler": sched.state_dict(),
+                    "data": {"kind": "sft" if args.sft else "tokens", "next_step": loop.step, "seed": args.seed,
+                             **layout},
+                    "model_config": cfg.to_hf(),
+                    "args": _jsonable(args),
+                },
+            }
+
         if d.main:
             cfg.to_hf(out / "config.json")
             (out / "train_args.json").write_text(json.dumps(_jsonable(args), indent=2) + "\n")
-
-        def save(reason: str) -> None:
-            if not args.fsdp:  # replicas must agree; FSDP ranks hold different shards by design
-                fp = param_fingerprint(model).to(d.device)
-                lo, hi = d.all_reduce(fp.clone(), dist.ReduceOp.MIN), d.all_reduce(fp.clone(), dist.ReduceOp.MAX)
-                if not torch.allclose(lo, hi, rtol=1e-9, atol=0):
-                    raise RuntimeError("data-parallel ranks diverged (parameter fingerprints differ)")
-            model_sd, opt_sd = full_state(model, opt)  # collective under FSDP
-            if d.main:
-                parts = {
-                    "model": model_sd,
-                    "optimizer": opt_sd,
-                    "trainer": {
-                        "step": step,
-                        "tokens": tokens_total,
-                        "scheduler": sched.state_dict(),
-                        "rng": rng_state(),
-                        "data": {"kind": "sft" if args.sft else "tokens", "next_step": step, "seed": args.seed,
-                                 "batch_size": args.batch_size, "seq_len": args.seq_len,
-                                 "grad_accum": args.grad_accum, "world_size": d.world},
-                        "model_config": cfg.to_hf(),
-                        "args": _jsonable(args),
-                    },
-                }
-                path = ckpt.save_checkpoint(ckpt_root, step, parts, keep=args.keep or None,
-                                            info={"reason": reason, "tokens": tokens_total})
-                log(f"step {step}: saved {path} ({reason})")
-            d.barrier()
 
         # ---------------------------------------------------------------- MFU denominator
         flops_tok = flops_per_token(cfg.replace(use_dsa=cfg.use_dsa and not args.dense), args.seq_len,
@@ -878,65 +656,53 @@ def train(args: argparse.Namespace) -> int:
             log(f"note: DSA selects {cfg.index_topk} of up to {args.seq_len} keys, but this trainer gives the "
                 "lightning indexer no gradient (its top-k only selects); train it with the sparsify stages, or "
                 "pass --dense to pre-train with dense attention")
-        if d.main and step == 0:
+        if d.main and loop.start_step == 0:
             log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{flops_tok / 1e6:.1f} MFLOP/token; peak {peak_total / 1e9:.1f} GFLOP/s over {d.world} rank(s), "
                 f"{torch.get_num_threads()} thread(s) each")
 
-        # ---------------------------------------------------------------- loop
-        bar = tqdm(total=args.max_steps, initial=step, disable=args.no_progress or not d.main,
-                   unit="step", dynamic_ncols=True)
-        last_saved = step if resume_from is not None else -1
-        try:
-            while step < args.max_steps:
-                t0 = time.perf_counter()
-                micro = [batches.get(step * args.grad_accum + m, d.rank, d.world) for m in range(args.grad_accum)]
-                lr = opt.param_groups[0]["lr"]
-                stats = trainer.step(micro, stop_requested=lambda: stopper.requested)
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
-                dt = time.perf_counter() - t0
-                step += 1
-                tokens_total += stats.tokens
-                tps = stats.tokens / dt
-                rec: dict[str, Any] = {
-                    "step": step,
-                    "loss": stats.loss,
-                    "lm_loss": stats.lm_loss,
-                    "mtp_loss": stats.mtp_loss,
-                    "balance_loss": stats.balance_loss,
-                    "lr": lr,
-                    "grad_norm": stats.grad_norm,
-                    "tokens": tokens_total,
-                    "tokens_per_s": tps,
-                    "mfu": flops_tok * tps / peak_total,
-                }
-                if val is not None and (step % args.eval_every == 0 or step == args.max_steps):
-                    rec["val_loss"] = trainer.evaluate(val.iter_eval_batches(
-                        batch_size=args.batch_size, seq_len=args.seq_len, rank=d.rank, world_size=d.world,
-                        max_batches=args.eval_batches * args.grad_accum))
-                metrics.write(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * rec['mfu']:.1f}%",
-                                **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
-                if stats.stop:
-                    save(f"stopped by {stopper.signal_name or 'signal'}")
-                    log(f"stopped at step {step}; resume with --resume")
-                    return 0
-                if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-                    save("periodic")
-                    last_saved = step
-            if last_saved != step:
-                save("final")
-        finally:
-            bar.close()
+        # ---------------------------------------------------------------- the step
+        def step(i: int) -> dict[str, Any]:
+            nonlocal tokens_total
+            t0 = time.perf_counter()
+            micro = [batches.get(i * args.grad_accum + m, d.rank, d.world) for m in range(args.grad_accum)]
+            lr = opt.param_groups[0]["lr"]
+            stats = trainer.step(micro)
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            dt = time.perf_counter() - t0
+            tokens_total += stats.tokens
+            tps = stats.tokens / dt
+            rec: dict[str, Any] = {
+                "loss": stats.loss,
+                "lm_loss": stats.lm_loss,
+                "mtp_loss": stats.mtp_loss,
+                "balance_loss": stats.balance_loss,
+                "lr": lr,
+                "grad_norm": stats.grad_norm,
+                "tokens": tokens_total,
+                "tokens_per_s": tps,
+                "mfu": flops_tok * tps / peak_total,
+            }
+            if val is not None and ((i + 1) % args.eval_every == 0 or i + 1 == args.max_steps):
+                rec["val_loss"] = trainer.evaluate(val.iter_eval_batches(
+                    batch_size=args.batch_size, seq_len=args.seq_len, rank=d.rank, world_size=d.world,
+                    max_batches=args.eval_batches * args.grad_accum))
+            return rec
+
+        def postfix(rec: dict[str, Any]) -> dict[str, str]:
+            val_field = {"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}
+            return {"loss": f"{rec['loss']:.4f}", "tok_s": f"{rec['tokens_per_s']:,.0f}",
+                    "mfu": f"{100 * rec['mfu']:.1f}%", **val_field}
+
+        result = loop.run(step, state=state, load=load, postfix=postfix)
+        if result.stopped:
+            return 0
         if not args.no_export:
             export = model
             if args.fsdp:  # gather the full weights (collective) into a plain replica on rank 0
                 model_sd, _ = full_state(model, None)
                 if d.main:
-                    from dsv32.model import Transformer
-
                     export = Transformer(cfg)
                     export.load_state_dict(model_sd)
             if d.main:
@@ -950,6 +716,9 @@ def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.max_steps < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.seq_len < 2:
         raise SystemExit("dsv32 train: --max-steps, --batch-size, --grad-accum must be >= 1, --seq-len >= 2")
+    if args.vocab_size is not None and (args.init_from or args.vocab_size < 1):
+        raise SystemExit("dsv32 train: --vocab-size must be >= 1 and goes with --preset/--config (--init-from "
+                         "weights fix their own vocabulary)")
     try:
         return train(args)
     finally:
