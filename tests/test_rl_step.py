@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from dsv32.engine import Engine
+from dsv32.llama import LlamaConfig, LlamaModel
 from dsv32.rl.batch import collate, policy_logprobs, route_flip_rate
 from dsv32.rl.rollout import Rollout, sample_groups
-from dsv32.rl.step import GRPOConfig, grpo_update
+from dsv32.rl.step import GRPOConfig, frozen_copy, grpo_update
 from serving_fakes import peaked_tiny_v32
 
 PROMPTS = [[1, 17, 33, 5, 9], [1, 200, 7], [1, 3, 3, 3, 3, 3, 40], [1, 99]]
@@ -35,7 +36,8 @@ def _policy():
 
 
 def test_on_policy_step_starts_at_ratio_one_and_learns(rollouts):
-    policy, ref = _policy(), _policy()
+    policy = _policy()
+    ref = frozen_copy(policy)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     before = collate(rollouts, policy.config.vocab_size)
     with torch.no_grad():
@@ -54,6 +56,8 @@ def test_on_policy_step_starts_at_ratio_one_and_learns(rollouts):
     dll = torch.where(m, lp1 - lp0, torch.zeros(())).sum(-1)
     assert float((dll * adv).sum()) > 0
     assert route_flip_rate(policy, before) > 0  # the weights moved: some routes would flip without replay
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), _policy().parameters()))  # ref stayed put
+    assert not any(p.requires_grad for p in ref.parameters())
 
 
 def test_minibatches_go_off_policy_and_opsm_masks(rollouts):
@@ -79,3 +83,29 @@ def test_grpo_update_checks_inputs(rollouts):
         grpo_update(policy, None, opt, rollouts, 5, GRPOConfig())
     with pytest.raises(ValueError, match="reference model"):
         grpo_update(policy, None, opt, rollouts, G, GRPOConfig(beta=0.1))
+
+
+def test_dense_llama_family_without_routes():
+    """A dense model (Llama family, e.g. SmolLM2) has no routes: sampled and trained with Keep Routing off,
+    the training forward still reproduces the sampler's log-probs (top-k truncation, kept mask on)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=1000.0,
+                      index_n_heads=2, index_head_dim=16, index_rope_head_dim=8, index_topk=16)
+    model = LlamaModel(cfg).eval()
+    eng = Engine(model, max_slots=4, max_len=64)
+    try:
+        ros = sample_groups(eng, [[1, 2, 3], [1, 5, 6, 7, 8]], 2, run_seed=0, step=0, max_tokens=6, top_k=20,
+                            keep_routes=False)
+    finally:
+        eng.shutdown()
+    batch = collate(ros, cfg.vocab_size, keep_routing=False)
+    assert batch.routes is None and batch.kept is not None
+    with torch.no_grad():
+        lp = policy_logprobs(model, batch)
+    assert float((lp - batch.logp_old).abs()[batch.token_mask].max()) < 1e-5
+    for r in ros:
+        r.reward = float(r.completion_ids[0] % 2)
+    stats = grpo_update(model, None, torch.optim.SGD(model.parameters(), lr=0.1), ros, 2,
+                        GRPOConfig(keep_routing=False))
+    assert abs(stats["ratio_mean"] - 1) < 1e-5 and stats["route_flip_rate"] != stats["route_flip_rate"]

@@ -7,6 +7,7 @@ ablations change one field.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ def _chunks(n: int, k: int) -> list[range]:
         raise ValueError(f"minibatches={k} must be between 1 and the number of rollouts ({n})")
     bounds = [round(i * n / k) for i in range(k + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The reference policy: a copy of the initial weights that never trains."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
 
 
 @torch.no_grad()
