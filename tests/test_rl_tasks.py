@@ -13,7 +13,9 @@ from dsv32.rl.rewards import (
     overlong_penalty,
     shaped_reward,
 )
-from dsv32.rl.tasks import TASKS, get_task, split_of
+from dsv32.rl.rollout import Rollout
+from dsv32.rl.tasks import TASKS, get_task, score_rollouts, split_of
+from serving_fakes import byte_tokenizer
 
 
 def test_extract_answer():
@@ -67,3 +69,20 @@ def test_get_task_errors_and_config():
         get_task("nope")
     short = get_task("chain_sum", min_terms=2, max_terms=2)
     assert all(i.entry["metadata"]["num_terms"] == 2 for i in short.items("train", 10))
+
+
+def test_score_rollouts_sets_reward_verdict_and_meta():
+    tok = byte_tokenizer()
+    tasks = {"chain_sum": get_task("chain_sum"), "letter_counting": get_task("letter_counting")}
+    items = [tasks["chain_sum"].items("train", 1)[0], tasks["letter_counting"].items("heldout", 1)[0]]
+    texts = [f"<answer>{items[0].answer}</answer>", "<answer>nope</answer>", "no tag", f"<answer>{items[1].answer}"
+             "</answer>"]
+    ros = []
+    for j, (g, text) in enumerate(zip([0, 0, 0, 1], texts)):
+        ids = tok.encode(text)
+        ros.append(Rollout([1], ids, [1] * len(ids), [0.0] * len(ids), group=g, sample=j, max_tokens=256))
+    acc = score_rollouts(ros, items, tasks, tok.decode)
+    assert [r.verdict for r in ros] == ["correct", "wrong", "no_answer", "correct"]
+    assert [r.reward for r in ros] == [1.0, 0.0, pytest.approx(-0.1), 1.0] and acc == 0.5
+    assert ros[3].task == "letter_counting" and ros[3].meta == {"split": "heldout", "item": 0,
+                                                                 "answer": items[1].answer}

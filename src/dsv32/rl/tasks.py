@@ -10,10 +10,12 @@ held-out), so even a short expression that both seeds happen to generate lands i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dsv32.rl.rewards import FORMAT_INSTRUCTION, RewardConfig, extract_answer, math_equal, shaped_reward
+from dsv32.rl.rollout import Rollout
 
 SPLITS = ("train", "heldout")
 HELDOUT_EVERY = 8
@@ -119,3 +121,22 @@ def get_task(name: str, reward: RewardConfig | None = None, **config: Any) -> Ta
         raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}")
     generator, checker, base = TASKS[name]
     return Task(name, generator, checker, {**base, **config}, reward or RewardConfig())
+
+
+def score_rollouts(
+    rollouts: Sequence[Rollout],
+    items: Sequence[Item],
+    tasks: Mapping[str, Task],
+    decode: Callable[[list[int]], str],
+) -> float:
+    """Score each rollout against ``items[rollout.group]`` with its task (``tasks[item.task]``): sets
+    ``reward``, ``verdict``, ``task`` and ``meta`` (split, item index, reference answer). The length penalty
+    uses the rollout's own ``max_tokens``. Returns the accuracy (share of "correct" verdicts)."""
+    for ro in rollouts:
+        item = items[ro.group]
+        task = tasks[item.task]
+        text = decode(ro.completion_ids)
+        ro.reward, ro.verdict = task.score(item, text, n_tokens=len(ro.completion_ids), max_tokens=ro.max_tokens)
+        ro.task = item.task
+        ro.meta.update(split=item.split, item=item.index, answer=item.answer)
+    return sum(ro.verdict == "correct" for ro in rollouts) / max(len(rollouts), 1)
