@@ -22,8 +22,11 @@ class CellTimeout(Exception):
     """Raised inside the cell by SIGALRM when it runs past its time (the state survives)."""
 
 
+_limit = [0.0]      # the running cell's time limit, for the message
+
+
 def _on_alarm(signum, frame):
-    raise CellTimeout("the cell ran past its time limit and was interrupted")
+    raise CellTimeout(f"the cell ran past its {_limit[0]:g} s limit and was interrupted (earlier state is kept)")
 
 
 def _read_capped(fd: int, cap: int) -> str:
@@ -73,6 +76,7 @@ def run_cell(code: str, ns: dict, n: int, timeout: float, cap: int) -> dict:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     reply = {"ok": True, "result": None, "error": None}
+    _limit[0] = timeout
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         tree = ast.parse(code, name)

@@ -373,17 +373,18 @@ def communicate(box: Sandboxed, stdin: str | None, limits: Limits) -> ExecResult
 
 def run_command(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path] = (), timeout: float = 120.0,
                 memory_mb: int = 1024, max_procs: int = 64, max_file_mb: int = 64, stdin: str | None = None,
-                unsafe: bool = False, python: str | None = None, _probe: bool = False) -> ExecResult:
+                unsafe: bool = False, python: str | None = None, uid: int | None = None,
+                _probe: bool = False) -> ExecResult:
     """Run `argv` (absolute path or a name on the sandbox's PATH) sandboxed in `scratch`; see module doc."""
     limits = Limits(timeout, memory_mb, max_procs, max_file_mb)
-    box = spawn(argv, scratch=scratch, ro_paths=ro_paths, limits=limits, python=python, unsafe=unsafe,
+    box = spawn(argv, scratch=scratch, ro_paths=ro_paths, limits=limits, python=python, unsafe=unsafe, uid=uid,
                 _probe=_probe)
     return communicate(box, stdin, limits)
 
 
 def run_python(code: str, *, scratch: Path, ro_paths: Sequence[Path] = (), timeout: float = 120.0,
                memory_mb: int = 1024, max_procs: int = 64, max_file_mb: int = 64, stdin: str | None = None,
-               unsafe: bool = False, python: str | None = None) -> ExecResult:
+               unsafe: bool = False, python: str | None = None, uid: int | None = None) -> ExecResult:
     """Run a Python program in a fresh sandboxed interpreter (this venv's, read-only; stdlib + its packages).
 
     The code is handed in as a read-only file `/sandbox/main.py`; `scratch` is the cwd and on `sys.path`
@@ -397,7 +398,7 @@ def run_python(code: str, *, scratch: Path, ro_paths: Sequence[Path] = (), timeo
     try:
         target = host_file if unsafe else f"{CODE_MOUNT}/main.py"
         box = spawn([exe, target], scratch=scratch, ro_paths=ro_paths, limits=limits, python=exe, unsafe=unsafe,
-                    code_files={f"{CODE_MOUNT}/main.py": Path(host_file)})
+                    code_files={f"{CODE_MOUNT}/main.py": Path(host_file)}, uid=uid)
         return communicate(box, stdin, limits)
     finally:
         os.unlink(host_file)
