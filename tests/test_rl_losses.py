@@ -60,6 +60,32 @@ def test_unbiased_kl_monte_carlo_matches_exact_kl_and_plain_k3_does_not():
     assert abs(float(plain.mean()) - exact) > 50 * se_plain, (float(plain.mean()), exact, se_plain)
 
 
+def test_unbiased_kl_gradient_is_unbiased_and_a_detached_ratio_is_not():
+    # The gradient w.r.t. pi_theta's logits z, averaged over tokens from pi_old, matches the exact gradient of
+    # KL(pi_theta || pi_ref). Per-sample gradients: d est/dz = (d est/d logp) * (onehot(x) - softmax(z)).
+    theta = torch.tensor([0.6, 0.2, 0.1, 0.1])
+    old = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    ref = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    z = theta.log().clone().requires_grad_()
+    (z.softmax(-1) * (z.log_softmax(-1) - ref.log())).sum().backward()
+    exact = z.grad
+    n = 100_000
+    x = torch.multinomial(old, n, replacement=True, generator=torch.Generator().manual_seed(1))
+    jac = torch.nn.functional.one_hot(x, 4).float() - theta  # d logp_x / dz  [n, 4]
+
+    def per_sample_grads(kl_fn) -> torch.Tensor:
+        lp = theta.log()[x].clone().requires_grad_()
+        kl_fn(lp, old.log()[x], ref.log()[x]).sum().backward()
+        return lp.grad[:, None] * jac
+
+    g = per_sample_grads(unbiased_kl)
+    z_scores = (g.mean(0) - exact) / (g.std(0) / math.sqrt(n))
+    assert z_scores.abs().max() < 3, z_scores
+    detached = per_sample_grads(lambda lp, lo, lr: torch.exp(lp - lo).detach() * k3_kl(lp, lr))
+    z_det = (detached.mean(0) - exact) / (detached.std(0) / math.sqrt(n))
+    assert z_det.abs().max() > 20, z_det
+
+
 # ------------------------------------------------------------------------------------------------- OPSM
 
 
