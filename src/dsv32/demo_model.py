@@ -21,8 +21,12 @@ from pathlib import Path
 
 import torch
 
+from dsv32.chat import encode_chat, parse_completion
+from dsv32.checkpoint import load_model, save_model
 from dsv32.config import ModelConfig
+from dsv32.generate import generate_ids, stream_text
 from dsv32.model import Transformer
+from dsv32.tokenizer import load_tokenizer
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,11 +47,6 @@ def demo_config() -> ModelConfig:
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    from dsv32.chat import encode_chat, parse_completion
-    from dsv32.checkpoint import load_model, save_model
-    from dsv32.generate import generate_ids, stream_text
-    from dsv32.tokenizer import load_tokenizer
-
     torch.manual_seed(0)
     print(__doc__)
 

@@ -56,6 +56,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from safetensors import safe_open
+
 from dsv32.config import ModelConfig
 
 VERSION = "0.3.36"
@@ -203,8 +206,6 @@ def _tensor_names(hf_dir: Path) -> set[str]:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         return set(json.loads(index.read_text())["weight_map"])
-    from safetensors import safe_open
-
     names: set[str] = set()
     for f in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(f, "pt") as h:
@@ -382,8 +383,7 @@ def llama_logits(gguf_path: str | Path, ids: list[int], *, n_threads: int = 1, n
     ``kv_f32``: keep llama.cpp's KV cache (MLA latents and indexer keys) in fp32 rather than its default fp16;
     the fp16 cache alone costs about 3e-4 relative logit error on the tiny test models.
     """
-    import numpy as np
-    from llama_cpp import GGML_TYPE_F32, Llama
+    from llama_cpp import GGML_TYPE_F32, Llama  # lazy: llama-cpp-python is optional, installed only for this peer
 
     kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if kv_f32 else {}
     llm = Llama(model_path=str(gguf_path), logits_all=True, n_ctx=n_ctx or max(64, len(ids) + 16),

@@ -37,7 +37,9 @@ from typing import Any
 import torch
 
 from dsv32.bench.llamacpp_v32 import b16_config, convert_v32
+from dsv32.bench.train import hf_model
 from dsv32.config import ModelConfig
+from dsv32.registry import load_model
 
 LENGTHS = [2048, 8192, 16384, 32768, 65536]
 
@@ -52,8 +54,6 @@ def peer_config(preset: str = "small", layers: int = 4) -> ModelConfig:
 
 def write_checkpoint(cfg: ModelConfig, out: Path, seed: int = 0) -> Path:
     """HF's model with seeded random weights, written by ``save_pretrained``; both systems load this."""
-    from dsv32.bench.train import hf_model
-
     torch.manual_seed(seed)
     hf_model(cfg, "sdpa").save_pretrained(out)
     conf = json.loads((out / "config.json").read_text())  # keep our own switches (dsv32_*; HF ignores them)
@@ -64,7 +64,7 @@ def write_checkpoint(cfg: ModelConfig, out: Path, seed: int = 0) -> Path:
 
 def _llama_point(ckpt: Path, phase: str, T: int, decode_tokens: int, threads: int, seed: int) -> dict[str, Any]:
     """llama.cpp on ``ckpt/model.gguf``: prefill of T tokens (last logits), or T then one token per step."""
-    from llama_cpp import Llama
+    from llama_cpp import Llama  # lazy: llama-cpp-python is optional, installed only for this peer
 
     llm = Llama(model_path=str(ckpt / "model.gguf"), n_ctx=T + decode_tokens + 16, n_batch=512, n_ubatch=512,
                 n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -91,9 +91,8 @@ def _llama_point(ckpt: Path, phase: str, T: int, decode_tokens: int, threads: in
 def load(system: str, ckpt: Path) -> torch.nn.Module:
     """Our Transformer (``dsv32.load_model``) or HF's DeepseekV32ForCausalLM from the same checkpoint."""
     if system == "dsv32":
-        from dsv32.registry import load_model
-
         return load_model(ckpt).eval()
+    # Lazy: transformers is an optional dependency (the `test` extra) and takes seconds to import.
     from transformers import DeepseekV32ForCausalLM
     from transformers.utils import logging
 

@@ -35,10 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from dsv32.config import ModelConfig
+from dsv32.model import Transformer
+from dsv32.train.trainer import Batch, Dist, Trainer, flops_per_token, measure_matmul_flops, param_groups
 
 
 def hf_model(cfg: ModelConfig, attn: str) -> torch.nn.Module:
     """HF transformers' DeepSeek-V3.2 built from our config (fp32, random init)."""
+    # Lazy: transformers is an optional dependency (the `test` extra) and takes seconds to import.
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
     from transformers.utils import logging
 
@@ -51,9 +54,6 @@ def hf_model(cfg: ModelConfig, attn: str) -> torch.nn.Module:
 
 def _ours_step(cfg: ModelConfig, *, full: bool, seed: int) -> Callable[[torch.Tensor], float]:
     """Our trainer's step (LM loss only unless ``full``)."""
-    from dsv32.model import Transformer
-    from dsv32.train.trainer import Batch, Dist, Trainer, param_groups
-
     torch.manual_seed(seed)
     model = Transformer(cfg).train()
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=False)
@@ -91,9 +91,7 @@ def run(preset: str, *, seq_len: int, batch_size: int, steps: int, warmup: int, 
         hf_attn: str, full: bool = False, dense: bool = False, seed: int = 0,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure and return the result dict (settings next to the numbers)."""
-    import transformers
-
-    from dsv32.train.trainer import flops_per_token, measure_matmul_flops
+    import transformers  # lazy: optional (see `hf_model`)
 
     if threads:
         torch.set_num_threads(threads)

@@ -36,6 +36,8 @@ def _series(recs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
 
 def plot_metrics(recs: list[dict[str, Any]], out: str | Path, title: str = "") -> Path:
     """Write the four-panel PNG of ``recs`` to ``out``."""
+    # Lazy: matplotlib takes about a second to import, and `read_metrics` (used by the trainer and sparsify)
+    # needs none of it. The backend must be chosen before pyplot is first imported.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,11 +97,6 @@ def cli_main(argv: list[str]) -> int:
         return 1
     if not recs:
         print(f"dsv32 plot: {args.run}: no metrics yet", file=sys.stderr)
-        return 1
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("dsv32 plot: needs matplotlib (pip install matplotlib==3.11.2)", file=sys.stderr)
         return 1
     run_dir = args.run if args.run.is_dir() else args.run.parent
     out = args.out or run_dir / "metrics.png"
