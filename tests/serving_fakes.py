@@ -17,15 +17,14 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers
 
 from dsv32 import chat
+from dsv32.config import ModelConfig
+from dsv32.model import Transformer
 from dsv32.tokenizer import Tokenizer
 
 
 def peaked_tiny_v32(seed: int = 0) -> torch.nn.Module:
     """Tiny V3.2 (MLA + DSA + MoE) with weights larger than the default init, so greedy choices are far from
     ties: the real model the engine and concurrency tests batch."""
-    from dsv32.config import ModelConfig
-    from dsv32.model import Transformer
-
     torch.manual_seed(seed)
     m = Transformer(ModelConfig.from_name("tiny")).eval()
     with torch.no_grad():
@@ -152,7 +151,7 @@ class LiveServer:
     """uvicorn in a background thread on 127.0.0.1 with a free port; ``stop()`` ends it and its engine."""
 
     def __init__(self, app) -> None:
-        import uvicorn
+        import uvicorn  # optional (the serve extra); the engine and RL tests use this module without it
 
         self.app = app
         self.sock = socket.socket()

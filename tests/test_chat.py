@@ -15,8 +15,12 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv32.chat import (
+    END_THINK,
+    IM_END,
     ChatFormatError,
+    ChatView,
     encode_chat,
+    held_suffix,
     parse_completion,
     render_chat,
     render_chat_text,
@@ -454,3 +458,40 @@ def test_chatml_mask(chatml_tok: Tokenizer) -> None:
     ids, mask = encode_chat(msgs, family="chatml", tokenizer=chatml_tok)
     assert ids == chatml_tok.encode(render_chat_text(msgs, family="chatml"))
     assert chatml_tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello there<|im_end|>"
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_view_streams_what_the_final_message_says(thinking: bool) -> None:
+    """Fed the completion one character at a time (the worst case for markers split across tokens), the
+    streamed deltas add up to the parsed message, and no piece of `</think>` or DSML ever leaks out."""
+    msg = {
+        "role": "assistant",
+        "reasoning_content": "Think about </thi and <｜DS first.",
+        "content": "Checking.",
+        "tool_calls": [_call("search", TRICKY_ARGS, "x")],
+    }
+    text = _assistant_completion(msg, thinking=thinking)
+    view = ChatView(thinking=thinking, family="deepseek-v3.2")
+    reasoning, content = "", ""
+    for k in range(1, len(text) + 1):
+        dr, dc = view.deltas(text[:k], final=k == len(text))
+        reasoning, content = reasoning + dr, content + dc
+        assert "｜DSML｜" not in content and END_THINK not in reasoning + content
+    final = view.message(text)
+    assert content == final["content"] == "Checking."
+    assert reasoning == (final["reasoning_content"] or "")
+    assert final["reasoning_content"] == (msg["reasoning_content"] if thinking else None)
+    assert json.loads(final["tool_calls"][0]["function"]["arguments"]) == TRICKY_ARGS
+
+
+def test_chat_view_chatml_and_unparsable_text() -> None:
+    view = ChatView(thinking=False, family="chatml")
+    assert view.deltas("Hello <|im_") == ("", "Hello ")
+    assert view.deltas("Hello <|im_end|>", final=True) == ("", "")
+    assert view.message("Hello" + IM_END)["content"] == "Hello"
+    broken = ChatView(thinking=False, family="deepseek-v3.2").message("Hi <｜DSML｜function_calls>oops" + EOS)
+    assert broken["content"] == "Hi <｜DSML｜function_calls>oops" and broken["tool_calls"] == []
+    assert held_suffix("abc\n\n<", ["\n\n<tag>"]) == 3 and held_suffix("abc", ["xyz"]) == 0

@@ -16,10 +16,13 @@ import json
 
 import pytest
 import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers import models, pre_tokenizers
 
 from dsv32 import Transformer
 from dsv32.engine import Engine, SamplingParams
-from serving_fakes import peaked_tiny_v32
+from dsv32.tokenizer import Tokenizer
+from serving_fakes import LiveServer, peaked_tiny_v32
 
 N_STREAMS = 32
 NEAR_TIE = 1e-4
@@ -140,11 +143,6 @@ def test_32_engine_streams_match_alone_up_to_near_ties(model, work, alone):
 
 def word_tokenizer():
     """512 words `w0`..`w511` (`w0` BOS, `w1` EOS): ids round-trip exactly through the streamed text."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import models, pre_tokenizers
-
-    from dsv32.tokenizer import Tokenizer
-
     backend = Backend(models.WordLevel({f"w{i}": i for i in range(512)}, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return Tokenizer(backend, bos_token="w0", eos_token="w1", name="words")
@@ -153,10 +151,10 @@ def word_tokenizer():
 def test_32_http_streams_match_alone_up_to_near_ties(model, work, alone):
     for dep in ("fastapi", "uvicorn", "httpx"):
         pytest.importorskip(dep, reason="the server needs fastapi, uvicorn and httpx (pip install -e '.[serve,test]')")
+    # the server's dependencies are optional: the engine-only test above runs without them
     import httpx
 
-    from dsv32.server import create_app
-    from serving_fakes import LiveServer
+    from dsv32.serve import create_app
 
     tok = word_tokenizer()
     counter = RowCounter(model)

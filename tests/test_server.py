@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -25,8 +26,10 @@ for _dep in ("fastapi", "uvicorn", "httpx"):
 import httpx  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from dsv32 import chat  # noqa: E402
-from dsv32.server import _Detokenizer, _held_suffix, create_app  # noqa: E402
+from dsv32 import ModelConfig, Transformer, chat, load_tokenizer, save_model  # noqa: E402
+from dsv32.generate import stream_text  # noqa: E402
+from dsv32.serve import create_app  # noqa: E402
+from dsv32.tokenizer import Detokenizer  # noqa: E402
 from serving_fakes import LiveServer, byte_tokenizer, scripted  # noqa: E402
 
 TOK = byte_tokenizer()
@@ -318,12 +321,21 @@ def test_completions(make_client):
         assert c.post("/v1/completions", json={"model": "test-model", **bad}).status_code == 400, bad
 
 
-def test_text_helpers():
-    d = _Detokenizer(TOK)
+def test_detokenizer_agrees_with_decoding_everything():
+    """The incremental detokenizer (server streams, `dsv32 generate`) against its slow reference, one decode
+    of all ids: real text (multi-byte characters, markers, runs of spaces) and random id sequences."""
+    d = Detokenizer(TOK)
     pieces = [d.add(t) for t in TOK.encode("é🙂x")]
     assert "".join(pieces) == "é🙂x" and "" in pieces  # partial UTF-8 held until complete
-    assert _held_suffix("abc\n\n<", ["\n\n<tag>"]) == 3
-    assert _held_suffix("abc", ["xyz"]) == 0
+    tok = load_tokenizer()
+    text = "Héllo wörld 🙂 日本語のテキスト, <｜User｜>  spaced   out\n\ttabs ﬃ 🇫🇷!"
+    rng = random.Random(0)
+    randoms = [[rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))] for _ in range(50)]
+    cases = [tok.encode(text), *randoms]
+    for ids in cases:
+        d = Detokenizer(tok)
+        assert "".join(d.add(t) for t in ids) + d.flush() == tok.decode(ids), ids
+        assert "".join(stream_text(tok, iter(ids))) == tok.decode(ids), ids
 
 
 # ------------------------------------------------------------------------ live server (loopback)
@@ -417,8 +429,6 @@ def test_openai_client_against_live_server():
 
 def test_real_tokenizer_and_tiny_model():
     """The real pipeline: bundled V3.2 tokenizer, chat encoding, the tiny V3.2 model (random weights)."""
-    from dsv32 import ModelConfig, Transformer, load_tokenizer
-
     tok = load_tokenizer()
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny").replace(vocab_size=tok.vocab_size)).eval()
@@ -440,8 +450,6 @@ def test_real_tokenizer_and_tiny_model():
 def test_dsv32_serve_drains_on_sigterm(tmp_path: Path):
     """`dsv32 serve` as users run it: loads a checkpoint directory, streams, and on SIGTERM ends the open
     stream (finish_reason "abort", then [DONE]) and exits 0 within the drain timeout."""
-    from dsv32 import ModelConfig, Transformer, save_model
-
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny").replace(vocab_size=TOK.vocab_size))
     save_model(model, tmp_path / "m")

@@ -41,7 +41,8 @@ from schemathesis.config import SchemathesisConfig  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from dsv32 import chat  # noqa: E402
-from dsv32.server import ChatRequest, CompletionRequest, create_app  # noqa: E402
+from dsv32.serve import create_app  # noqa: E402
+from dsv32.serve.protocol import ChatRequest, CompletionRequest  # noqa: E402
 from serving_fakes import byte_tokenizer, scripted  # noqa: E402
 
 MODEL = "test-model"

@@ -22,7 +22,7 @@ for _dep in ("fastapi", "uvicorn", "httpx"):
 import httpx  # noqa: E402
 
 from dsv32 import chat  # noqa: E402
-from dsv32.server import create_app  # noqa: E402
+from dsv32.serve import create_app  # noqa: E402
 from serving_fakes import LiveServer, byte_tokenizer, scripted  # noqa: E402
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)

@@ -11,12 +11,14 @@ the whole text and an exact SFT mask.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from dsv32.tokenizer import Tokenizer
+from dsv32.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -315,16 +317,17 @@ def encode_chat(
     if tokenizer is None:
         if fam != "deepseek-v3.2":
             raise ValueError(f"encode_chat(family={family!r}) needs tokenizer=")
-        from dsv32.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer()
     marker = USER if fam == "deepseek-v3.2" else IM_START
     if tokenizer.token_to_id(marker) is None:
         raise ChatFormatError(f"tokenizer has no {marker} token, so it cannot encode the {fam} chat format")
+    segments = render_chat(messages, tools=tools, thinking=thinking, family=fam, **kw)
+    # one batched call: the Rust backend releases the GIL while it works (`encode` holds it), so a server
+    # tokenising a long conversation in a worker thread does not stall its event loop
+    pieces = tokenizer.encode_batch([text for text, _ in segments])
     ids: list[int] = []
     mask: list[int] = []
-    for text, by_assistant in render_chat(messages, tools=tools, thinking=thinking, family=fam, **kw):
-        piece = tokenizer.encode(text)
+    for piece, (_, by_assistant) in zip(pieces, segments):
         ids += piece
         mask += [int(by_assistant)] * len(piece)
     return ids, mask
@@ -431,3 +434,71 @@ def _parse_calls(s: str, pos: int) -> tuple[list[dict[str, Any]], int]:
                 "function": {"name": name, "arguments": _json(args)},
             }
         )
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+def held_suffix(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into one of ``markers``: text a stream
+    must hold back until the next token tells whether a marker (or stop string) begins there."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:k]):
+                best = k
+                break
+    return best
+
+
+class ChatView:
+    """The assistant message of a completion while it streams: ``deltas`` splits the text generated so far
+    into new reasoning and new content, holding back whatever might still be the start of a marker
+    (`</think>`, a DSML function-calls block, ChatML's `<|im_end|>`); ``message`` parses the finished text
+    (tool calls included). The server streams through this; parsing rules live in `parse_completion`."""
+
+    CALLS = (CALLS_OPEN, "\n\n" + CALLS_OPEN)
+
+    def __init__(self, *, thinking: bool, family: str) -> None:
+        self.thinking, self.family = thinking, _family(family)
+        self.sent_reasoning = self.sent_content = 0  # characters already handed out
+
+    def split(self, text: str, final: bool) -> tuple[str, str]:
+        """-> (reasoning, content) that can be shown now (everything when ``final``)."""
+        if self.family == "chatml":
+            body = text.removesuffix(IM_END)
+            return "", body if final else body[: len(body) - held_suffix(body, (IM_END,))]
+        reasoning, body = "", text
+        if self.thinking:
+            reasoning, sep, body = text.removeprefix(THINK).partition(END_THINK)
+            if not sep:
+                body = ""
+                if not final:
+                    reasoning = reasoning[: len(reasoning) - held_suffix(reasoning, (END_THINK,))]
+        k = body.find(CALLS_OPEN)
+        if k >= 0:
+            body = body[:k].removesuffix("\n\n")
+        elif not final:
+            body = body[: len(body) - held_suffix(body, self.CALLS)]
+        return reasoning, body
+
+    def deltas(self, text: str, final: bool = False) -> tuple[str, str]:
+        """-> (new reasoning, new content) since the last call."""
+        reasoning, content = self.split(text, final)
+        dr, dc = reasoning[self.sent_reasoning :], content[self.sent_content :]
+        self.sent_reasoning = max(self.sent_reasoning, len(reasoning))
+        self.sent_content = max(self.sent_content, len(content))
+        return dr, dc
+
+    def message(self, text: str) -> dict[str, Any]:
+        """The final assistant message; text that does not parse (e.g. a malformed tool call) is returned as
+        content rather than failing the request."""
+        try:
+            return parse_completion(text, thinking=self.thinking, family=self.family)
+        except ChatFormatError as e:
+            log.info("completion did not parse (%s); returning it as content", e)
+        reasoning, content = None, text
+        if self.thinking:
+            reasoning, _, content = text.removeprefix(THINK).partition(END_THINK)
+        return {"role": "assistant", "content": content.removesuffix(EOS), "reasoning_content": reasoning,
+                "tool_calls": []}

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("dsv32.bench:cli_main", "benchmarks: cost (Fig. 3), train, serve"),
     "eval": ("dsv32.evals:cli_main", "evaluations: ppl, passkey"),
     "sparsify": ("dsv32.train.sparsify:cli_main", "convert a dense model to DSA (warm-up, sparse stage)"),
-    "serve": ("dsv32.server:cli_main", "OpenAI-compatible HTTP server"),
+    "serve": ("dsv32.serve.cli:cli_main", "OpenAI-compatible HTTP server"),
 }
 
 

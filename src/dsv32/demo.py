@@ -6,7 +6,9 @@
    weaker needle retrieval than dense). `python -m dsv32.demo --model smollm2-135m` serves the dense model;
 2. a short scripted conversation through the `openai` client (streamed);
 3. a question about a real document of about 3,600 tokens (the Python tutorial's chapter on floating
-   point), then a follow-up turn that reuses the cached prefix: only the new tokens are prefilled;
+   point, from Debian's python3-doc; where that package cannot be had, the standard library's own
+   decimal-arithmetic docstring, about 1,000 tokens), then a follow-up turn that reuses the cached prefix:
+   only the new tokens are prefilled;
 4. prints answers, token counts and timings, and shuts the server down with SIGTERM.
 
 SmolLM2-135M is a very small model: expect short, sometimes wrong answers. The demo shows the system working
@@ -15,14 +17,21 @@ SmolLM2-135M is a very small model: expect short, sometimes wrong answers. The d
 
 from __future__ import annotations
 
+import _pydecimal
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
+
+from openai import OpenAI
+
+from dsv32.data import DataError, load_source
 
 DOC_NAME = "tutorial.floatingpoint"
 
@@ -56,11 +65,40 @@ def default_model() -> str:
     return DEFAULT_MODEL
 
 
-def load_document() -> str:
-    from dsv32.data import load_source
+@dataclass(frozen=True)
+class DemoDocument:
+    """The document of step [2] and two questions about it."""
 
-    docs, _ = load_source("python-docs")
-    return next(d.text for d in docs if d.name == DOC_NAME)
+    title: str
+    text: str
+    questions: tuple[str, str]
+
+
+def load_document() -> DemoDocument:
+    """The Python tutorial's floating-point chapter (data source `python-docs`, Debian's python3-doc); when
+    that package cannot be fetched (no apt, offline, not Debian), the module docstring of the standard
+    library's pure-Python `decimal` implementation, which every CPython ships."""
+    try:
+        docs, _ = load_source("python-docs")
+        text = next(d.text for d in docs if d.name == DOC_NAME)
+        return DemoDocument(
+            "the Python tutorial, 'Floating Point Arithmetic' (Debian python3-doc)",
+            text,
+            (
+                "Why does 0.1 + 0.2 not print exactly 0.3 in Python? Answer briefly.",
+                "Which Python module does the document suggest for exact decimal arithmetic?",
+            ),
+        )
+    except (DataError, OSError, StopIteration) as e:
+        print(f"[demo] python-docs unavailable ({str(e).splitlines()[0]}); using the stdlib's decimal docstring")
+    return DemoDocument(
+        "the docstring of the standard library's `_pydecimal` module (the fallback document)",
+        _pydecimal.__doc__.strip(),
+        (
+            "According to the document, what does 1.00 % 0.1 give in binary floating point? Answer briefly.",
+            "Which specification is the decimal module based on?",
+        ),
+    )
 
 
 def _chat(client, model: str, messages: list[dict], *, max_tokens: int, stream: bool = True) -> tuple[str, dict]:
@@ -102,21 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help=f"default: {DEFAULT_MODEL}; smollm2-135m for dense attention")
     p.add_argument("--max-tokens", type=int, default=60)
     args = p.parse_args(argv)
-    from openai import OpenAI
 
     model = args.model or default_model()
     print(__doc__)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    key = secrets.token_urlsafe(16)  # through the environment: a --api-key flag shows in the process list
     cmd = [sys.executable, "-m", "dsv32", "serve", "--model", model, "--port", str(port), "--max-slots", "2",
-           "--max-len", "4096", "--api-key", "demo-key", "--log-level", "warning"]
-    print(f"$ {' '.join(cmd[2:])}")
+           "--max-len", "4096", "--log-level", "warning"]
+    print(f"$ DSV32_API_KEY=... {' '.join(cmd[2:])}")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", "DSV32_API_KEY": key})
     try:
         _wait_ready(url, proc)
         print(f"[server] ready in {time.perf_counter() - t0:.1f}s at {url}  (model {model})")
-        client = OpenAI(base_url=url + "/v1", api_key="demo-key", timeout=900)
+        client = OpenAI(base_url=url + "/v1", api_key=key, timeout=900)
         served = client.models.list().data[0].id
 
         print("\n[1] a short conversation")
@@ -132,15 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   ({info['prompt_tokens']} prompt tokens, {info['cached_tokens']} reused from the cache, "
               f"first token {info['ttft_s']:.2f}s)")
 
-        print("\n[2] a question about a real document (Python tutorial, 'Floating Point Arithmetic')")
         doc = load_document()
-        q1 = "Why does 0.1 + 0.2 not print exactly 0.3 in Python? Answer briefly."
-        doc_msgs = [{"role": "user", "content": f"Read this document:\n\n{doc}\n\n{q1}"}]
-        print(f"user: <document, {len(doc)} characters> {q1}\nassistant: ", end="")
+        print(f"\n[2] a question about a real document: {doc.title}")
+        q1, q2 = doc.questions
+        doc_msgs = [{"role": "user", "content": f"Read this document:\n\n{doc.text}\n\n{q1}"}]
+        print(f"user: <document, {len(doc.text)} characters> {q1}\nassistant: ", end="")
         a1, i1 = _chat(client, served, doc_msgs, max_tokens=args.max_tokens)
         print(f"   ({i1['prompt_tokens']} prompt tokens prefilled in {i1['ttft_s']:.1f}s with "
               f"{'DSA' if model.endswith('-dsa') else 'dense attention'}, {i1['tpot_ms']:.0f} ms/token)")
-        q2 = "Which Python module does the document suggest for exact decimal arithmetic?"
         doc_msgs += [{"role": "assistant", "content": a1}, {"role": "user", "content": q2}]
         print(f"user: {q2}\nassistant: ", end="")
         a2, i2 = _chat(client, served, doc_msgs, max_tokens=args.max_tokens)

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 
 import torch
 
+from dsv32.registry import load_model
 from dsv32.sampling import sample
+from dsv32.tokenizer import Detokenizer, Tokenizer, load_tokenizer
 
 
 @torch.no_grad()
@@ -47,17 +49,17 @@ def generate_ids(
         logits = model.forward(tok.view(1, 1), cache=cache, last_only=True, **extra)
 
 
-def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Incremental detokenisation: emit only text whose bytes are complete (no half UTF-8 characters)."""
-    out: list[int] = []
-    shown = ""
+def stream_text(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Incremental detokenisation (O(1) per token, see `Detokenizer`): yields each non-empty piece of text as
+    soon as its bytes form complete characters, then whatever was still held back."""
+    detok = Detokenizer(tokenizer)
     for t in ids:
-        out.append(t)
-        text = tokenizer.decode(out)
-        if text.endswith("\ufffd"):
-            continue
-        yield text[len(shown) :]
-        shown = text
+        piece = detok.add(t)
+        if piece:
+            yield piece
+    rest = detok.flush()
+    if rest:
+        yield rest
 
 
 def main(argv: list[str]) -> int:
@@ -73,9 +75,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     p.add_argument("--num-layers", type=int, default=None, help="load only the first N layers (debugging)")
     args = p.parse_args(argv)
-
-    from dsv32.registry import load_model
-    from dsv32.tokenizer import load_tokenizer
 
     model = load_model(args.model, num_layers=args.num_layers).eval()
     tok = load_tokenizer(args.model)

@@ -343,3 +343,40 @@ def cli_main(argv: list[str]) -> int:
     ids = tok.encode(sample)
     print(f"wrote {args.out / 'tokenizer.json'} (vocab {tok.vocab_size}); {sample!r} -> {len(ids)} tokens")
     return 0
+
+
+# ------------------------------------------------------------------------------------ streaming decode
+
+
+class Detokenizer:
+    """Incremental decoding for streamed generation: ``add(id)`` returns the text that id completes.
+
+    Decoding the whole sequence per token costs O(n) each, O(n^2) in all. Instead this decodes a short
+    window: the ids of the previous emitted piece (as context) plus the ids not yet emitted. The context
+    matters because decoders treat the start of a decode specially (e.g. SentencePiece's Metaspace drops
+    the leading space of the first word); diffing two decodes with the same start cancels that out. Text
+    ending in U+FFFD (an unfinished multi-byte UTF-8 character) is held back until its bytes arrive.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the context window (the previous piece's first id)
+        self.read = 0  # ids before this are emitted
+
+    def add(self, token: int) -> str:
+        """Feed one id; returns the newly completed text ('' while a character is still incomplete)."""
+        self.ids.append(int(token))
+        prev = self.tok.decode(self.ids[self.prefix : self.read])
+        new = self.tok.decode(self.ids[self.prefix :])
+        if len(new) > len(prev) and not new.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return new[len(prev) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (at the end of generation, an incomplete character is emitted as is)."""
+        prev = self.tok.decode(self.ids[self.prefix : self.read])
+        new = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return new[len(prev) :] if len(new) > len(prev) else ""
