@@ -56,6 +56,9 @@ def test_on_policy_step_starts_at_ratio_one_and_learns(rollouts):
     dll = torch.where(m, lp1 - lp0, torch.zeros(())).sum(-1)
     assert float((dll * adv).sum()) > 0
     assert route_flip_rate(policy, before) > 0  # the weights moved: some routes would flip without replay
+    with torch.no_grad():  # ... and replaying the recorded routes changes the log-probs the loss sees
+        free = policy_logprobs(policy, collate(rollouts, policy.config.vocab_size, keep_routing=False))
+    assert float((free - lp1).abs()[m].max()) > 1e-4
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), _policy().parameters()))  # ref stayed put
     assert not any(p.requires_grad for p in ref.parameters())
 
