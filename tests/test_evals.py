@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from dsv32 import evals
+from dsv32 import evals, ops
+from dsv32.data import load_split_texts
 from dsv32.evals import passkey, ppl
+from dsv32.evals.selection import needle_selection
+from dsv32.gguf import find_smollm2_gguf
 from dsv32.llama import LlamaConfig, LlamaModel
+from dsv32.registry import (
+    SMOLLM2_INDEXER,
+    indexer_params,
+    load_indexer,
+    load_model,
+    read_indexer_file,
+    save_indexer,
+)
 
 
 class CharTok:
@@ -46,8 +58,8 @@ def text_root(tmp_path):
 
 
 def test_split_texts_are_disjoint(text_root) -> None:
-    val, vn = evals.load_split_texts([text_root], "val")
-    train, tn = evals.load_split_texts([text_root], "train")
+    val, vn = load_split_texts([text_root], "val")
+    train, tn = load_split_texts([text_root], "train")
     assert vn and tn and not set(vn) & set(tn)
     assert {n.split("/")[0] for n in vn} == {"prose", "verse"}  # every source keeps a held-out document
 
@@ -123,8 +135,6 @@ def test_unknown_eval_name() -> None:
 
 def test_needle_selection_diagnostic() -> None:
     """evals.selection: per-layer needle tokens in the indexer's top-k, and the max-head attention mass on them."""
-    from dsv32.evals.selection import needle_selection
-
     m = tiny_model()
     tok = CharTok()
     stream = np.array(tok.encode("the river runs north past the old stone mill " * 40))
@@ -137,3 +147,76 @@ def test_needle_selection_diagnostic() -> None:
     full = needle_selection(m, it, n, topk=400)  # k covers every key: the whole needle is selected
     assert full["needle_tokens_selected"] == [float(n)] * m.config.num_hidden_layers
     assert full["max_head_mass"] == small["max_head_mass"]  # the dense side does not depend on k
+
+
+# ------------------------------------------------------------------------------------------ ops.override, load_model
+
+
+def test_ops_override_routes_nests_and_restores_even_on_error() -> None:
+    q = torch.randn(1, 5, 2, 8)
+    k = torch.randn(1, 5, 8)
+    w = torch.ones(1, 5, 2)
+    pos = torch.arange(5).view(1, 5)
+    real = ops.indexer_topk(q, w, k, q_pos=pos, topk=2)
+    calls: list[str] = []
+
+    def fixed(tag: str):
+        def select(q, w, k, *, k_scale=None, q_pos, topk, ordered=True):
+            calls.append(tag)
+            return evals.window_idx(q_pos, topk, 1)
+        return select
+
+    with ops.override("indexer_topk", fixed("outer")):
+        assert torch.equal(ops.indexer_topk(q, w, k, q_pos=pos, topk=2), evals.window_idx(pos, 2, 1))
+        with pytest.raises(RuntimeError, match="boom"), ops.override("indexer_topk", fixed("inner")):
+            ops.indexer_topk(q, w, k, q_pos=pos, topk=2)
+            raise RuntimeError("boom")
+        ops.indexer_topk(q, w, k, q_pos=pos, topk=2)  # the outer override is back after the inner one failed
+    assert calls == ["outer", "inner", "outer"]
+    assert torch.equal(ops.indexer_topk(q, w, k, q_pos=pos, topk=2), real)  # and the real op after both
+    with pytest.raises(ValueError, match="unknown op"):
+        with ops.override("indexer_top_k", fixed("x")):
+            pass
+
+
+def test_load_model_preset_dsa_topk_and_indexer_file(tmp_path) -> None:
+    m = load_model("preset:tiny", dsa=False, topk=8, seed=1)
+    assert not m.config.use_dsa and m.config.index_topk == 8 and not m.training
+    same = load_model("preset:tiny", seed=1)
+    assert same.config.index_topk != 8 and all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                                               same.state_dict().values()))
+    path = save_indexer(m, tmp_path / "ix.safetensors", extra={"step": "3"})
+    _, meta = read_indexer_file(path)
+    assert meta["index_topk"] == "8" and meta["step"] == "3"
+    other = load_model("preset:tiny", seed=2, indexer=path)  # same shape: replaces the random indexers
+    assert all(torch.equal(a, b) for a, b in zip(indexer_params(other).values(), indexer_params(m).values()))
+
+
+def test_indexer_file_with_other_shape_is_refused_before_any_copy(tmp_path) -> None:
+    a = tiny_model()
+    path = save_indexer(a, tmp_path / "ix.safetensors")
+    b = LlamaModel(a.config.replace(index_n_heads=4))
+    before = {n: p.clone() for n, p in indexer_params(b).items()}
+    with pytest.raises(ValueError, match=r"ix\.safetensors.*index_n_heads=2, this model has 4"):
+        load_indexer(b, path)
+    assert all(torch.equal(p, before[n]) for n, p in indexer_params(b).items())
+    with pytest.raises(ValueError, match="indexer was saved with"):  # the same check on the load_model path
+        load_model("preset:tiny", indexer=path)
+    load_indexer(LlamaModel(a.config.replace(index_topk=99)), path)  # k is a default, not a shape: accepted
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="`gguf` not installed")
+def test_load_model_shipped_dsa_name_with_overrides() -> None:
+    """``load_model(name, dsa=..., topk=...)`` on the shipped DSA name: the shipped indexers load, the
+    keyword arguments win over the file's default k and the name's DSA default."""
+    try:
+        find_smollm2_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    if not SMOLLM2_INDEXER.is_file():
+        pytest.skip("no shipped SmolLM2 indexer in this checkout")
+    m = load_model("smollm2-135m-dsa", dsa=False, topk=64)
+    assert isinstance(m, LlamaModel) and not m.config.use_dsa and m.config.index_topk == 64
+    tensors, _ = read_indexer_file(SMOLLM2_INDEXER)
+    for n, p in indexer_params(m).items():
+        torch.testing.assert_close(p, tensors[n].float())

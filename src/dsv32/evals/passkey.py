@@ -25,16 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from dsv32.evals import (
-    add_common_args,
-    attention_mode,
-    base_settings,
-    forward_kwargs,
-    mode_context,
-    prepare_model,
-    write_json,
-)
+from dsv32.data import load_split_texts, make_kv_recall_doc
+from dsv32.evals.common import DEFAULT_TEXT, add_common_args, base_settings, prepare_model, write_json
+from dsv32.evals.modes import attention_mode, forward_kwargs, mode_context
+from dsv32.evals.ppl import heldout_stream
 
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
@@ -79,8 +75,6 @@ def passkey_items(tok: Any, stream: np.ndarray, *, context: int, num: int, seed:
 def kv_items(tok: Any, texts: list[str], *, context: int, num: int, seed: int) -> list[Item]:
     """``num`` synthetic key-value recall prompts (``make_kv_recall_doc``) of at most ``context`` tokens,
     left-padded with held-out text to exactly ``context``."""
-    from dsv32.data import make_kv_recall_doc
-
     rng = random.Random(seed)
     filler_text = "\n\n".join(texts)
     bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []
@@ -104,8 +98,6 @@ def kv_items(tok: Any, texts: list[str], *, context: int, num: int, seed: int) -
 def eval_items(model: nn.Module, items: list[Item], *, mode: str, k: int | None, progress: bool = True,
                sparse_impl: str = "op") -> dict[str, Any]:
     """Exact-match accuracy of ``model`` on ``items`` -> the ``results`` dict."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     per_item = []
     for it in tqdm(items, disable=not progress, desc=f"passkey {mode}", unit="item"):
@@ -140,9 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli_main(argv: list[str]) -> int:
-    from dsv32.evals import DEFAULT_TEXT, load_split_texts
-    from dsv32.evals.ppl import heldout_stream
-
     args = build_parser().parse_args(argv)
     mode, k = attention_mode(args)
     model, tok = prepare_model(args, mode, k)

@@ -22,18 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from dsv32.evals import (
-    DEFAULT_TEXT,
-    add_common_args,
-    attention_mode,
-    base_settings,
-    forward_kwargs,
-    load_split_texts,
-    mode_context,
-    prepare_model,
-    write_json,
-)
+from dsv32.data import TokenDataset, load_split_texts, tokenize_docs
+from dsv32.evals.common import DEFAULT_TEXT, add_common_args, base_settings, prepare_model, write_json
+from dsv32.evals.modes import attention_mode, forward_kwargs, mode_context
+from dsv32.train.indexer_loss import indexer_loss
+from dsv32.train.losses import chunked_cross_entropy
 
 
 def heldout_stream(tok: Any, text: list[Path] | None, *, data: Path | None = None,
@@ -41,12 +36,8 @@ def heldout_stream(tok: Any, text: list[Path] | None, *, data: Path | None = Non
     """The held-out token stream and a description of it: ``data``'s val split (token shards) or the val
     documents of ``text`` tokenised with ``tok``."""
     if data is not None:
-        from dsv32.data import TokenDataset
-
         ds = TokenDataset(data, "val")
         return ds.read(0, ds.num_tokens), {"data": str(data), "split": "val", "tokens": int(ds.num_tokens)}
-    from dsv32.train.sparsify import tokenize_docs
-
     roots = text or [DEFAULT_TEXT]
     texts, names = load_split_texts(roots, "val", max_chars=max_chars)
     if tok is None:
@@ -76,11 +67,6 @@ def eval_ppl(
     ``beyond``: the k of ``ppl_beyond_k`` (default ``k``; give it for a dense run to compare like with like).
     """
     kb = beyond or k
-    from tqdm import tqdm
-
-    from dsv32.train.losses import chunked_cross_entropy
-    from dsv32.train.sparsify import indexer_loss
-
     starts = window_starts(len(stream), context, num_seqs)
     nll = nll_far = 0.0
     n = n_far = 0

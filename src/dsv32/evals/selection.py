@@ -19,7 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsv32.data import load_split_texts
+from dsv32.evals.passkey import NEEDLE, passkey_items
 from dsv32.ops import reference as ref
+from dsv32.registry import load_model
+from dsv32.tokenizer import load_gguf_tokenizer
 
 
 @torch.no_grad()
@@ -43,10 +47,6 @@ def needle_selection(model: torch.nn.Module, item: Any, needle_len: int, topk: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsv32.evals import load_split_texts
-    from dsv32.evals.passkey import NEEDLE, passkey_items
-    from dsv32.llama import load_gguf, load_gguf_tokenizer
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--indexer", required=True)
     ap.add_argument("--context", type=int, default=2048)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     texts, _ = load_split_texts([args.text], "val")
     stream = np.array([t for x in texts for t in tok.encode(x)])
     items = passkey_items(tok, stream, context=args.context, num=args.num, seed=args.seed)
-    model = load_gguf(None, indexer=args.indexer, index_topk=args.topk).eval()
+    model = load_model("smollm2-135m", indexer=args.indexer, topk=args.topk)
     n = len(tok.encode(NEEDLE.format(key=12345)))
     for i in args.items if args.items is not None else range(len(items)):
         r = needle_selection(model, items[i], n, args.topk)
