@@ -83,7 +83,12 @@ class Limits:
 
 
 def _tools() -> dict[str, str | None]:
-    return {name: shutil.which(name) for name in ("bwrap", "setpriv", "prlimit")}
+    return _which(os.environ.get("PATH", os.defpath))
+
+
+@functools.lru_cache(maxsize=4)
+def _which(path: str) -> dict[str, str | None]:
+    return {name: shutil.which(name, path=path) for name in ("bwrap", "setpriv", "prlimit")}
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,8 +136,26 @@ def python_roots(python: str | os.PathLike | None = None) -> list[Path]:
     return sorted(roots)
 
 
-def _under(path: Path, roots: Sequence[Path]) -> bool:
-    return any(path == r or r in path.parents for r in roots)
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+@functools.lru_cache(maxsize=1)
+def _system_mounts() -> tuple[list[str], list[str]]:
+    """bwrap arguments exposing the system directories read-only, and the paths they cover."""
+    args: list[str] = []
+    covered: list[str] = []
+    for d in _SYSTEM_DIRS:
+        if os.path.islink(d):
+            args += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            args += ["--ro-bind", d, d]
+        covered.append(d)
+    for e in _ETC_FILES:
+        if os.path.exists(e):
+            args += ["--ro-bind", e, e]
+            covered.append(e)
+    return args, covered
 
 
 def _bwrap_argv(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path], limits: Limits, uid: int | None,
@@ -145,36 +168,32 @@ def _bwrap_argv(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path],
         cmd += ["--unshare-user", "--disable-userns"]
     else:                                             # root: keep just enough to let setpriv drop to `uid`
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-    for d in _SYSTEM_DIRS:
-        if os.path.islink(d):
-            cmd += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            cmd += ["--ro-bind", d, d]
-    for e in _ETC_FILES:
-        if os.path.exists(e):
-            cmd += ["--ro-bind", e, e]
+    system_args, covered = _system_mounts()
+    cmd += system_args
     cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(SANDBOX_TMP_MB << 20),
             "--tmpfs", "/tmp"]
     # binds, shallow first so nested ones land on top; the scratch dir is the only writable one
-    binds = [(p.resolve(), "--ro-bind") for p in [*python_roots(python), *ro_paths]]
-    binds.append((scratch.resolve(), "--bind"))
-    binds.sort(key=lambda b: len(b[0].parts))
-    mounted = [Path(d) for d in _SYSTEM_DIRS + _ETC_FILES] + [Path("/proc"), Path("/dev")]
-    made: set[Path] = set()
+    binds = [(os.path.realpath(p), "--ro-bind") for p in [*python_roots(python), *ro_paths]]
+    binds.append((os.path.realpath(scratch), "--bind"))
+    binds.sort(key=lambda b: b[0].count("/"))
+    mounted = [*covered, "/proc", "/dev"]
+    made: set[str] = {"/", "/tmp"}
     for path, how in binds:
-        if _under(path, [Path(d) for d in _SYSTEM_DIRS]) and how == "--ro-bind":
+        if how == "--ro-bind" and _under(path, _SYSTEM_DIRS):
             continue                                  # already visible read-only
-        for parent in reversed(path.parents[:-1]):    # mount points' parents: world-traversable, not 0700
-            if parent == Path("/tmp") or parent in made or _under(parent, mounted):
+        parts = path.split("/")[1:-1]
+        for i in range(1, len(parts) + 1):            # mount points' parents: world-traversable, not 0700
+            parent = "/" + "/".join(parts[:i])
+            if parent in made or _under(parent, mounted):
                 continue
-            cmd += ["--perms", "0755", "--dir", str(parent)]
+            cmd += ["--perms", "0755", "--dir", parent]
             made.add(parent)
-        cmd += [how, str(path), str(path)]
+        cmd += [how, path, path]
         mounted.append(path)
     cmd += ["--perms", "0755", "--dir", CODE_MOUNT]
     for dest, src in code_files.items():
         cmd += ["--ro-bind", str(src), dest]
-    cmd += ["--chdir", str(scratch.resolve())]
+    cmd += ["--chdir", os.path.realpath(scratch)]
     if uid is not None:
         cmd += [tools["setpriv"] or "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
@@ -402,3 +421,60 @@ def run_python(code: str, *, scratch: Path, ro_paths: Sequence[Path] = (), timeo
         return communicate(box, stdin, limits)
     finally:
         os.unlink(host_file)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# self-check: `python -m dsv32.agents.sandbox [--n 20]`
+
+
+def _median_seconds(fn: Callable[[], object], n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[n // 2]
+
+
+def measure_overhead(n: int = 20) -> dict[str, float]:
+    """Median wall-clock seconds of trivial calls, sandboxed and not: the difference is the sandbox's cost."""
+    require_sandbox()
+    from dsv32.agents.notebook import NotebookSession  # noqa: PLC0415 - notebook imports this module
+
+    true = shutil.which("true") or "/bin/true"
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="dsv32-bench-") as tmp:
+        scratch = Path(tmp)
+        env = sandbox_env(scratch)
+        out["bare `true`"] = _median_seconds(lambda: subprocess.run([true], env=env, check=True), n)
+        out["sandboxed `true` (run_command)"] = _median_seconds(lambda: run_command([true], scratch=scratch), n)
+        out["bare `python -c pass`"] = _median_seconds(
+            lambda: subprocess.run([sys.executable, "-c", "pass"], env=env, cwd=scratch, check=True), n)
+        out["run_python('pass')"] = _median_seconds(lambda: run_python("pass", scratch=scratch), n)
+        t0 = time.perf_counter()
+        nb = NotebookSession(scratch)
+        nb.start()
+        out["notebook start"] = time.perf_counter() - t0
+        out["notebook cell 'pass'"] = _median_seconds(lambda: nb.execute("pass"), n)
+        nb.close()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse  # noqa: PLC0415 - only the self-check needs it
+
+    ap = argparse.ArgumentParser(prog="python -m dsv32.agents.sandbox",
+                                 description="check the agents' sandbox and measure its per-call overhead")
+    ap.add_argument("--n", type=int, default=20, help="calls per median (default 20)")
+    args = ap.parse_args(argv)
+    ok, why = sandbox_available()
+    print(f"sandbox: {'yes' if ok else 'NO'} - {why}")
+    if not ok:
+        return 1
+    for name, s in measure_overhead(args.n).items():
+        print(f"{name:34s} {s * 1000:8.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
