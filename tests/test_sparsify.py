@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dsv32 import ops
 from dsv32.config import ModelConfig
+from dsv32.evals import window_idx, window_selection
+from dsv32.gguf import find_smollm2_gguf
 from dsv32.llama import LlamaAttnAux, LlamaConfig, LlamaModel
-from dsv32.model import Transformer
+from dsv32.model import AttnAux, Transformer
 from dsv32.ops.reference import causal_mask, indexer_scores
+from dsv32.registry import SMOLLM2_INDEXER, indexer_params, load_indexer, load_model, save_indexer
+from dsv32.train import indexer_loss as il
 from dsv32.train import sparsify as sp
 
 
@@ -56,7 +60,7 @@ def _ids(m: torch.nn.Module, B: int, S: int, seed: int = 1) -> torch.Tensor:
 def test_stage1_kl_falls_and_only_indexers_train(make) -> None:
     m = make()
     ind, trunk = sp.set_trainable(m, 1)
-    assert not trunk and ind and all(".indexer." in n for n in sp.indexer_params(m))
+    assert not trunk and ind and all(".indexer." in n for n in indexer_params(m))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = torch.optim.AdamW(ind, lr=3e-3)
     ids = _ids(m, 2, 40)
@@ -70,14 +74,14 @@ def test_stage1_kl_falls_and_only_indexers_train(make) -> None:
     assert kls[-1] < 0.8 * kls[0], kls
     for n, p in m.named_parameters():
         changed = not torch.equal(p, before[n])
-        assert changed == (n in sp.indexer_params(m)), n
+        assert changed == (n in indexer_params(m)), n
     assert res.recall is not None and 0.0 <= res.recall <= 1.0
     assert len(res.layers) == m.config.num_hidden_layers
 
 
 def _dense_target(aux) -> torch.Tensor:
     """Unchunked reference: p[t] = sum_h softmax_h / ||.||_1 over causal keys -> [B,S,T]."""
-    logits = sp._main_logits(aux, slice(None)).transpose(1, 2)  # [B,S,H,T]
+    logits = aux.main_logits(slice(None)).transpose(1, 2)  # [B,S,H,T]
     vis = causal_mask(aux.q_pos, logits.shape[-1]).unsqueeze(2)
     A = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1).sum(2)
     return A / A.sum(-1, keepdim=True)
@@ -90,7 +94,7 @@ def test_stage1_chunked_kl_and_grad_match_direct(make) -> None:
     ind, _ = sp.set_trainable(m, 1)
     ids = _ids(m, 2, 24)
     out = m.forward(ids, dense=True, return_indexer=True, compute_logits=False)
-    stats = sp.indexer_loss(out.indexer, topk=8, sparse=False, chunk=5, backward=True)
+    stats = il.indexer_loss(out.indexer, topk=8, sparse=False, chunk=5, backward=True)
     g_chunked = [p.grad.clone() for p in ind]
     for p in ind:
         p.grad = None
@@ -140,10 +144,10 @@ def test_stage2_restricted_kl_matches_direct(make) -> None:
         out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
     aux = out.indexer[0]
     assert aux.topk_idx is not None
-    st, _ = sp.layer_kl(aux, topk=8, sparse=True, chunk=7, recall=True)
+    st, _ = il.layer_kl(aux, topk=8, sparse=True, chunk=7, recall=True)
     idx = aux.topk_idx.long()
     valid = idx >= 0
-    logits = sp._main_logits(aux, slice(None)).transpose(1, 2)  # [B,S,H,T]
+    logits = aux.main_logits(slice(None)).transpose(1, 2)  # [B,S,H,T]
     at = logits.gather(-1, idx.clamp_min(0).unsqueeze(2).expand(-1, -1, logits.shape[2], -1))
     A = torch.softmax(at.masked_fill(~valid.unsqueeze(2), -math.inf), -1).sum(2)
     p = A / A.sum(-1, keepdim=True)
@@ -165,12 +169,12 @@ def test_detach_hook_stops_kl_reaching_v32_trunk() -> None:
     ind, trunk = sp.set_trainable(m, 2)
     ids = _ids(m, 1, 20)
     out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
-    sp.indexer_loss(out.indexer, topk=8, sparse=True, backward=True, recall=False)
+    il.indexer_loss(out.indexer, topk=8, sparse=True, backward=True, recall=False)
     assert _grads(trunk) > 0  # no hook: leaks
     m.zero_grad(set_to_none=True)
     with sp.detach_indexer_inputs(m):
         out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
-    sp.indexer_loss(out.indexer, topk=8, sparse=True, backward=True, recall=False)
+    il.indexer_loss(out.indexer, topk=8, sparse=True, backward=True, recall=False)
     assert _grads(trunk) == 0 and _grads(ind) > 0
 
 
@@ -190,12 +194,12 @@ def _hand_aux(selected: torch.Tensor | None) -> LlamaAttnAux:
 def test_recall_hand_made() -> None:
     """k = 2: rows 0, 1 have <= k keys and are left out. Row 2: probs (1, 2, 1)/4, indexer picks {0, 2} -> 1/2.
     Row 3: probs (1, 3, 2, 1)/7, indexer picks {1, 2} -> 5/7. Mean over the two rows = (1/2 + 5/7) / 2."""
-    st, _ = sp.layer_kl(_hand_aux(None), topk=2, sparse=False)
+    st, _ = il.layer_kl(_hand_aux(None), topk=2, sparse=False)
     assert st.recall_rows == 2
     assert st.recall == pytest.approx((1 / 2 + 5 / 7) / 2, rel=1e-5)
     # the same through the stage-2 path with a forced selection (row 3 keeps {0, 3}: 2/7)
     sel = torch.tensor([[[0, -1], [0, 1], [0, 2], [0, 3]]], dtype=torch.int32)
-    st2, _ = sp.layer_kl(_hand_aux(sel), topk=2, sparse=True)
+    st2, _ = il.layer_kl(_hand_aux(sel), topk=2, sparse=True)
     assert st2.recall == pytest.approx((1 / 2 + 2 / 7) / 2, rel=1e-5)
 
 
@@ -203,22 +207,22 @@ def test_recall_hand_made() -> None:
 
 
 def test_window_idx() -> None:
-    idx = sp.window_idx(torch.arange(10).view(1, 10), 6, sinks=4)
+    idx = window_idx(torch.arange(10).view(1, 10), 6, sinks=4)
     assert idx.shape == (1, 10, 6) and idx.dtype == torch.int32
     assert idx[0, 3].tolist() == [0, 1, 2, 3, -1, -1]  # 4 keys <= k: all of them
     assert idx[0, 5].tolist() == [0, 1, 2, 3, 4, 5]
     assert idx[0, 6].tolist() == [0, 1, 2, 3, 5, 6]  # sinks + the last k - 4 = 2
     assert idx[0, 9].tolist() == [0, 1, 2, 3, 8, 9]
     with pytest.raises(ValueError):
-        sp.window_idx(torch.arange(4).view(1, 4), 4, sinks=4)
+        window_idx(torch.arange(4).view(1, 4), 4, sinks=4)
 
 
 def test_forced_window_selection_reaches_the_model() -> None:
     m = tiny_llama()
     ids = _ids(m, 1, 20)
-    with sp.forced_selection(sp.window_selection(4)):
+    with ops.override("indexer_topk", window_selection(4)):
         out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
-    want = sp.window_idx(torch.arange(20).view(1, 20), 8)
+    want = window_idx(torch.arange(20).view(1, 20), 8)
     for aux in out.indexer:
         assert torch.equal(aux.topk_idx, want)
 
@@ -230,11 +234,11 @@ def test_row_subsample_is_the_same_kl_on_those_rows() -> None:
     rows = sp.sample_rows(40, 8, 10, seed=0, step=3)
     assert rows is not None and len(rows) == 10 and int(rows.min()) >= 8
     assert torch.equal(rows, torch.sort(rows).values)
-    sub, _ = sp.layer_kl(out.indexer[0], topk=8, sparse=False, rows=rows, chunk=3)
-    full, _ = sp.layer_kl(out.indexer[0], topk=8, sparse=False, rows=torch.arange(40), chunk=40)
+    sub, _ = il.layer_kl(out.indexer[0], topk=8, sparse=False, rows=rows, chunk=3)
+    full, _ = il.layer_kl(out.indexer[0], topk=8, sparse=False, rows=torch.arange(40), chunk=40)
     per_row = []
     for r in rows.tolist():
-        st, _ = sp.layer_kl(out.indexer[0], topk=8, sparse=False, rows=torch.tensor([r]))
+        st, _ = il.layer_kl(out.indexer[0], topk=8, sparse=False, rows=torch.tensor([r]))
         per_row.append(st.kl)
     assert sub.kl == pytest.approx(sum(per_row) / 10, rel=1e-4)
     assert sub.recall_rows == 10 and full.rows == 40 and sp.sample_rows(40, 8, 0, seed=0, step=0) is None
@@ -242,11 +246,10 @@ def test_row_subsample_is_the_same_kl_on_those_rows() -> None:
 
 def test_save_load_indexers(tmp_path) -> None:
     a, b = tiny_llama(0), tiny_llama(1)
-    path = sp.save_indexers(a, tmp_path / "ix.safetensors", extra={"steps": "3"})
-    sp.load_indexers(b, path)
-    for (n, p), q in zip(sp.indexer_params(a).items(), sp.indexer_params(b).values()):
+    path = save_indexer(a, tmp_path / "ix.safetensors", extra={"steps": "3"})
+    load_indexer(b, path)
+    for (n, p), q in zip(indexer_params(a).items(), indexer_params(b).values()):
         assert torch.equal(p, q), n
-    b.load_indexer(path)  # LlamaModel's own reader accepts the file (metadata keys match its config)
 
 
 def test_cli_stage1_then_stage2_with_resume(tmp_path, monkeypatch) -> None:
@@ -295,30 +298,38 @@ def test_cli_stage1_then_stage2_with_resume(tmp_path, monkeypatch) -> None:
 def test_load_smollm2_dsa() -> None:
     """The shipped default: GGUF base weights + the stage-1 indexer file (skips where either is missing)."""
     pytest.importorskip("gguf")
-    from dsv32.llama import find_smollm2_gguf
-
     try:
         find_smollm2_gguf()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    if not (sp.ASSET_DIR / sp.ASSET_FILE).is_file():
+    if not SMOLLM2_INDEXER.is_file():
         pytest.skip("no shipped SmolLM2 indexer in this checkout")
-    m = sp.load_smollm2_dsa()
+    m = load_model("smollm2-135m-dsa")
     assert m.config.use_dsa and m.config.index_topk == 512
     from safetensors.torch import load_file
 
-    sd = load_file(str(sp.ASSET_DIR / sp.ASSET_FILE))
-    for n, p in sp.indexer_params(m).items():
+    sd = load_file(str(SMOLLM2_INDEXER))
+    for n, p in indexer_params(m).items():
         torch.testing.assert_close(p, sd[n].float())
-    prov = json.loads((sp.ASSET_DIR / "PROVENANCE.json").read_text())
+    prov = json.loads((SMOLLM2_INDEXER.parent / "PROVENANCE.json").read_text())
     assert prov["steps"] > 0 and "command" in prov["settings"]
     ids = torch.randint(0, m.config.vocab_size, (1, 24))
     out = m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
     assert out.indexer[0].topk_idx is not None
 
 
-def test_hand_aux_namespace_is_not_mla() -> None:
-    assert not sp._is_mla(_hand_aux(None)) and sp._is_mla(SimpleNamespace(q_latent=None))
+@pytest.mark.parametrize("make", FAMILIES)
+def test_aux_records_share_the_view_methods(make) -> None:
+    """Both families' aux records answer the loss's questions themselves (no type test in indexer_loss)."""
+    m = make()
+    aux = m.forward(_ids(m, 1, 20), topk=8, return_indexer=True, compute_logits=False).indexer[0]
+    assert isinstance(aux, (AttnAux, LlamaAttnAux)) and aux.num_heads == m.config.num_attention_heads
+    logits = aux.main_logits(slice(2, 5))  # [B,H,C,T]
+    assert logits.shape == (1, aux.num_heads, 3, 20)
+    idx = aux.topk_idx[:, 2:5].clamp_min(0)
+    at = aux.main_logits_at(slice(2, 5), idx)  # [B,C,H,K]
+    torch.testing.assert_close(at, logits.transpose(1, 2).gather(-1, idx.long().unsqueeze(2).expand_as(at)))
+    assert aux.sparse_lse(slice(2, 5), aux.topk_idx[:, 2:5]).shape == (1, 3, aux.num_heads)
 
 
 def test_text_batches_mix_in_synthetic_retrieval_docs(tmp_path) -> None:

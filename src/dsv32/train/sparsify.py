@@ -3,27 +3,20 @@
 Two stages, as DeepSeek converted V3.1-Terminus into V3.2 (training-recipe.md §1):
 
 - **Stage 1, dense warm-up** (§1.1, eq. 3). Every parameter is frozen except the lightning indexers and
-  attention stays dense. Per layer and query t the target is the main attention's per-head softmax
-  probabilities summed over heads and L1-normalised, ``p[t,:] = sum_h A_h[t,:] / ||sum_h A_h[t,:]||_1``
-  (a constant: no gradient), and the loss is ``sum_t KL(p[t,:] || softmax(I[t,:]))`` over the causal keys.
+  attention stays dense; the indexers learn the KL to the main attention over every causal key.
 - **Stage 2, sparse training** (§1.2, eq. 4). Top-k selection on; the indexer's *inputs are detached*, so
-  the indexer learns only from ``sum_t KL(p[t,S_t] || softmax(I[t,S_t]))`` restricted to the selected set
-  S_t (p rebuilt over S_t from the sparse attention op's log-sum-exp) and the rest of the model only from the
-  language-modelling loss; two AdamW parameter groups with their own learning rates.
+  the indexer learns only from the KL restricted to the selected set S_t and the rest of the model only from
+  the language-modelling loss; two AdamW parameter groups with their own learning rates.
 
-Both model families work through the same code: the per-layer aux records that ``forward(return_indexer=True)``
-returns (``model.AttnAux`` for our V3.2 ``Transformer``: absorbed MLA queries/latents; ``llama.LlamaAttnAux``
-for ``LlamaModel``: post-RoPE GQA q/k). Only ``_main_logits*`` / ``_sparse_lse`` look at which one it is.
+The KL targets, their chunked computation and the recall diagnostic are ``dsv32.train.indexer_loss`` (its
+docstring has the maths); this module is the stage steps, the parameter plumbing and the CLI. The V3.2 indexer
+reads (x, c_q) without detaching them, so stage 2 detaches them with a forward pre-hook on every
+``self_attn.indexer`` (``detach_indexer_inputs``); the Llama indexer already detaches its input.
 
-Memory: nothing builds a [S, T] tensor for the whole sequence. Each layer is processed in query chunks; the
-KL of a chunk is back-propagated at once into *leaf copies* of the indexer outputs (q, w, k), and one final
-backward carries the accumulated leaf gradients into the indexer parameters. The V3.2 indexer reads (x, c_q)
-without detaching them, so stage 2 detaches them with a forward pre-hook on every ``self_attn.indexer``
-(``detach_indexer_inputs``); the Llama indexer already detaches its input.
-
-Diagnostics per layer (metrics.jsonl, PNG): the KL, the indexer recall — the share of the dense attention mass
-inside the selected set, ``mean_h exp(lse_h(S_t) - lse_h(all))``, averaged only over rows with more than k
-causal keys — and the LM loss.
+Diagnostics per layer (metrics.jsonl, PNG): the KL, the indexer recall (the share of the dense attention mass
+inside the selected set, over rows with more than k causal keys) and the LM loss. Indexer files are written and
+read by ``dsv32.registry`` (``save_indexer`` / ``load_indexer``, with the metadata check); ``ship_indexers``
+copies a run's file into the package with its provenance.
 
 CPU example (SmolLM2-135M from the PyPI GGUF; the shipped indexer was made like this)::
 
@@ -35,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,244 +37,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from dsv32 import ops
-from dsv32.ops.reference import causal_mask
+from dsv32.data import FillerSampler, TextWindows, TokenDataset, load_split_texts, make_synthetic_doc, tokenize_docs
+from dsv32.evals import load_eval_model, mode_context
+from dsv32.registry import (
+    INDEXER_DIR,
+    INDEXER_FILE,
+    indexer_params,
+    read_indexer_file,
+    save_indexer,
+    write_indexer_file,
+)
+from dsv32.train.indexer_loss import LayerStats, indexer_loss
+from dsv32.train.losses import chunked_cross_entropy
+from dsv32.train.plot import read_metrics
 from dsv32.train.run import RunLoop, lr_at
-
-#: Floats one chunk's [B, C, H, T] main-attention logits may hold (64 MB in fp32).
-CHUNK_FLOATS = 16 << 20
-
-# ============================================================================================ per-layer views
-
-
-def _is_mla(aux: Any) -> bool:
-    """V3.2 ``AttnAux`` (absorbed MLA) or Llama ``LlamaAttnAux`` (GQA)."""
-    return hasattr(aux, "q_latent")
-
-
-def _num_heads(aux: Any) -> int:
-    return (aux.q_latent if _is_mla(aux) else aux.q).shape[2]
-
-
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B,T,...], idx [B,C,K] (>= 0) -> [B,C,K,...]."""
-    B, C, K = idx.shape
-    flat = idx.reshape(B, C * K).long()
-    g = torch.gather(x, 1, flat.view(B, C * K, *([1] * (x.dim() - 2))).expand(B, C * K, *x.shape[2:]))
-    return g.view(B, C, K, *x.shape[2:])
-
-
-def _main_logits(aux: Any, sl: slice | torch.Tensor) -> torch.Tensor:
-    """Main attention logits (scaled, unmasked) of the queries ``sl`` over every key -> [B,H,C,T] fp32.
-
-    Head-major, so each product is one batched GEMM written in place (no copy of the [C,T] blocks).
-    """
-    if _is_mla(aux):
-        q, kv = aux.q_latent[:, sl].detach().float(), aux.kv_latent.detach().float()  # [B,C,H,D], [B,T,D]
-        B, C, H, D = q.shape
-        out = torch.bmm(q.transpose(1, 2).reshape(B, H * C, D), kv.transpose(1, 2))  # [B,H*C,T]
-        return out.view(B, H, C, -1).mul_(aux.scale)
-    q, k = aux.q[:, sl].detach().float(), aux.k.detach().float()  # [B,C,H,D], [B,T,Hkv,D]
-    B, C, H, D = q.shape
-    Hkv = k.shape[2]
-    qh = q.permute(0, 2, 1, 3).reshape(B * Hkv, (H // Hkv) * C, D)  # head h uses KV head h // (H/Hkv)
-    kh = k.permute(0, 2, 3, 1).reshape(B * Hkv, D, -1)  # [B*Hkv,D,T]
-    return torch.bmm(qh, kh).view(B, H, C, -1).mul_(aux.scale)
-
-
-def _index_logits(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Indexer logits (paper eq. 1) of a query chunk: q [B,C,HI,dI], w [B,C,HI], k [B,T,dI] -> [B,C,T] fp32."""
-    B, C, HI, dI = q.shape
-    r = torch.relu(torch.bmm(q.float().reshape(B, C * HI, dI), k.float().transpose(1, 2)))  # [B,C*HI,T]
-    return torch.bmm(w.float().reshape(B * C, 1, HI), r.view(B * C, HI, -1)).view(B, C, -1)
-
-
-def _main_logits_at(aux: Any, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Main attention logits of the queries ``sl`` at the keys ``idx`` [B,C,K] (>= 0) -> [B,C,H,K] fp32."""
-    if _is_mla(aux):
-        kv_sel = _gather(aux.kv_latent.detach().float(), idx)  # [B,C,K,D]
-        return torch.einsum("bshd,bskd->bshk", aux.q_latent[:, sl].detach().float(), kv_sel) * aux.scale
-    q = aux.q[:, sl].detach().float()
-    B, C, H, D = q.shape
-    k_sel = _gather(aux.k.detach().float(), idx)  # [B,C,K,Hkv,D]
-    Hkv = k_sel.shape[3]
-    s = torch.einsum("bsngd,bsknd->bsngk", q.view(B, C, Hkv, H // Hkv, D), k_sel)
-    return s.reshape(B, C, H, -1) * aux.scale
-
-
-@torch.no_grad()
-def _sparse_lse(aux: Any, sl: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Per-head log-sum-exp over the selected keys, from the sparse attention op itself -> [B,C,H]."""
-    if _is_mla(aux):
-        q, kv = aux.q_latent[:, sl].detach(), aux.kv_latent.detach()
-        return ops.sparse_mla(q, kv, idx, v_dim=1, scale=aux.scale)[1].float()  # only lse is used
-    q, k = aux.q[:, sl].detach(), aux.k.detach()
-    # the backend's op, not ``ops.sparse_gqa``: ``--sparse-impl masked`` swaps that for a kernel without lse
-    return ops.backend_for(q, "sparse_gqa").sparse_gqa(q, k, k[..., :1], idx, scale=aux.scale)[1].float()
-
-
-def _indexer_at(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Indexer logits at selected keys (paper eq. 1): q [B,C,HI,dI], w [B,C,HI], k [B,T,dI], idx [B,C,K]
-    (>= 0) -> [B,C,K] fp32."""
-    k_sel = _gather(k.float(), idx)  # [B,C,K,dI]
-    return torch.einsum("bchk,bch->bck", torch.relu(torch.einsum("bchd,bckd->bchk", q.float(), k_sel)), w.float())
-
-
-def chunk_size(aux: Any, chunk: int | None = None) -> int:
-    """Queries per chunk so that one [B,C,H,T] logits block stays within ``CHUNK_FLOATS``."""
-    if chunk:
-        return chunk
-    B, T = aux.index_k.shape[:2]
-    return max(1, min(512, CHUNK_FLOATS // max(1, B * _num_heads(aux) * T)))
-
 
 # ============================================================================================ losses
 
 
-@dataclass
-class LayerStats:
-    """One layer's indexer diagnostics for one batch."""
-
-    kl: float  # mean over query rows of KL(p || softmax(I)) (stage 2: restricted to S_t)
-    recall: float | None  # mean over rows with > k causal keys of the dense attention mass inside S_t
-    rows: int  # query rows in the KL mean
-    recall_rows: int  # rows in the recall mean
-
-
-def _kl_rows(p: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """KL(p || softmax(logits)) per row over the ``valid`` slots; p is 0 outside them. [..., N] -> [...]."""
-    logq = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1).masked_fill(~valid, 0.0)
-    return (torch.xlogy(p, p) - p * logq).sum(-1)
-
-
-def _recall_rows(lse_sel: torch.Tensor, lse_all: torch.Tensor) -> torch.Tensor:
-    """Share of the head-averaged dense attention mass inside the selected set: ``mean_h exp(lse_S - lse)``.
-
-    (p is the head *mean* of the per-head probabilities, since each head's row sums to 1.) [B,C,H] -> [B,C].
-    """
-    return torch.exp(lse_sel - lse_all).mean(-1)
-
-
-def layer_kl(
-    aux: Any,
-    *,
-    topk: int | None,
-    sparse: bool,
-    chunk: int | None = None,
-    backward: bool = False,
-    recall: bool = True,
-    rows: torch.Tensor | None = None,
-) -> tuple[LayerStats, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The indexer loss of one layer, in query chunks; optionally back-propagated chunk by chunk.
-
-    ``sparse=False`` (stage 1, eq. 3): KL over every causal key against the dense target; the selected set for
-    the recall is the indexer's own top-``topk``. ``sparse=True`` (stage 2, eq. 4): KL over ``aux.topk_idx``
-    (the set the model attended to) with the target rebuilt from the sparse op's lse; a layer that ran dense
-    (every row sees at most k keys) falls back to the dense form, where S_t is every causal key.
-    ``backward``: each chunk's ``KL / rows`` is back-propagated into leaf copies of the indexer outputs; the
-    returned (tensor, grad) pairs finish the backward into the indexer parameters (``finish_backward``).
-    ``recall``: also compute the recall (stage 2 needs an extra dense pass for it).
-    ``rows``: only these query positions (sorted 1-D indices; an unbiased subsample of the sum over t).
-    """
-    q0, w0, k0 = aux.index_q, aux.index_w, aux.index_k
-    grad_on = backward and (q0.requires_grad or w0.requires_grad or k0.requires_grad)
-    q, w, k = (t.detach().requires_grad_(grad_on) for t in (q0, w0, k0))
-    B, S = q.shape[:2]
-    T = k.shape[1]
-    q_pos = aux.q_pos
-    idx_all = aux.topk_idx if sparse else None
-    C = chunk_size(aux, chunk)
-    kl_sum, rec_sum, rec_rows = 0.0, 0.0, 0
-    n_q = S if rows is None else len(rows)
-    n_rows = B * n_q
-    for c0 in range(0, n_q, C):
-        sl = slice(c0, min(n_q, c0 + C)) if rows is None else rows[c0 : c0 + C]
-        pos = q_pos[:, sl]
-        with torch.set_grad_enabled(grad_on):
-            if idx_all is None:  # dense KL (stage 1, or a stage-2 layer that ran dense)
-                with torch.no_grad():
-                    vis = causal_mask(pos, T)  # [B,C,T]
-                    bias = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device).masked_fill_(~vis, -math.inf)
-                    A = _main_logits(aux, sl).add_(bias.unsqueeze(1))  # [B,H,C,T]
-                    A = A.sub_(torch.logsumexp(A, dim=-1, keepdim=True)).exp_()  # per-head softmax
-                    p = A.mean(1)  # [B,C,T]: sum over heads, L1-normalised (each head's row sums to 1)
-                    del A
-                    ent = torch.xlogy(p, p).sum(-1)
-                index_logits = _index_logits(q[:, sl], w[:, sl], k)  # [B,C,T]
-                # KL = sum p log p - sum p I + logsumexp(I) over the causal keys (p = 0 elsewhere)
-                kl = ent - (p * index_logits).sum(-1) + torch.logsumexp(index_logits + bias, dim=-1)
-                sel = None
-                if recall and topk is not None:
-                    with torch.no_grad():
-                        sel = torch.topk(index_logits.detach() + bias, min(topk, T), dim=-1).indices  # [B,C,K]
-                        mass = p.gather(-1, sel).sum(-1)  # rows with > k keys: no -inf among the top k
-            else:  # restricted KL over S_t (stage 2)
-                sel = idx_all[:, sl]
-                valid = sel >= 0
-                safe = sel.clamp_min(0)
-                with torch.no_grad():
-                    lse_sel = _sparse_lse(aux, sl, sel)  # [B,C,H] from the sparse op
-                    at = _main_logits_at(aux, sl, safe)  # [B,C,H,K]
-                    pk = torch.exp(at - lse_sel.unsqueeze(-1)).masked_fill(~valid.unsqueeze(2), 0.0).sum(2)
-                    p = pk / pk.sum(-1, keepdim=True).clamp_min(1e-30)  # [B,C,K], L1-normalised over S_t
-                kl = _kl_rows(p, _indexer_at(q[:, sl], w[:, sl], k, safe), valid)
-                if recall:
-                    with torch.no_grad():
-                        vis = causal_mask(pos, T).unsqueeze(1)
-                        lse_all = torch.logsumexp(_main_logits(aux, sl).masked_fill_(~vis, -math.inf), dim=-1)
-                        mass = _recall_rows(lse_sel, lse_all.transpose(1, 2))  # [B,C]
-            if grad_on:
-                (kl.sum() / n_rows).backward()
-        kl_sum += float(kl.detach().sum())
-        if recall and sel is not None and topk is not None:
-            long_rows = (pos + 1) > topk
-            rec_sum += float(mass[long_rows].sum())
-            rec_rows += int(long_rows.sum())
-    stats = LayerStats(kl_sum / n_rows, rec_sum / rec_rows if rec_rows else None, n_rows, rec_rows)
-    pairs = [(t0, t.grad) for t0, t in ((q0, q), (w0, w), (k0, k)) if grad_on and t.grad is not None
-             and t0.requires_grad]
-    return stats, pairs
-
-
-def finish_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Carry the leaf gradients of the indexer outputs into the indexer parameters (one backward)."""
-    if pairs:
-        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-
-
-def indexer_loss(
-    auxes: list[Any], *, topk: int | None, sparse: bool, chunk: int | None = None, backward: bool = False,
-    recall: bool = True, rows: torch.Tensor | None = None,
-) -> list[LayerStats]:
-    """``layer_kl`` over every layer; with ``backward`` the gradient of ``sum_layers mean_t KL`` reaches the
-    indexer parameters (and nothing else: the targets are constants)."""
-    stats, pairs = [], []
-    for aux in auxes:
-        st, pr = layer_kl(aux, topk=topk, sparse=sparse, chunk=chunk, backward=backward, recall=recall, rows=rows)
-        stats.append(st)
-        pairs.extend(pr)
-    if backward:
-        finish_backward(pairs)
-    return stats
-
-
 def lm_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy from the final hidden states (chunked: no [B,S,V] logits tensor)."""
-    from dsv32.train.losses import chunked_cross_entropy
-
     return chunked_cross_entropy(hidden, model.head_weight, labels)
 
 
 # ============================================================================================ model plumbing
-
-
-def indexer_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The lightning indexers of the main layers (``layers.{i}...indexer.*``), in both model families."""
-    return {n: p for n, p in model.named_parameters() if n.startswith("layers.") and ".indexer." in n}
 
 
 def indexer_modules(model: nn.Module) -> list[nn.Module]:
@@ -374,99 +156,21 @@ def _result(layers: list[LayerStats], lm: float | None) -> StepResult:
     )
 
 
-# ============================================================================================ window selection
+# ============================================================================================ shipping
 
 
-def window_idx(q_pos: torch.Tensor, k: int, sinks: int = 4) -> torch.Tensor:
-    """Sliding-window selection in the ``indexer_topk`` format: each query keeps the first ``sinks`` tokens and
-    its last ``k - sinks`` keys (itself included); a query with at most k visible keys keeps all of them.
-
-    q_pos [B,S] -> idx [B,S,k] int32, ascending key positions, -1 padded.
-    """
-    if not 0 <= sinks < k:
-        raise ValueError(f"window: need 0 <= sinks ({sinks}) < k ({k})")
-    pos = q_pos.long().unsqueeze(-1)  # [B,S,1]
-    r = torch.arange(k, device=q_pos.device).view(1, 1, k)
-    short = r.expand(*q_pos.shape, k).clone()  # rows with <= k keys: 0..pos, then -1
-    short = torch.where(short <= pos, short, torch.full_like(short, -1))
-    recent = pos - (k - 1) + r  # candidate for slots >= sinks: pos-(k-1-r)
-    long = torch.where(r < sinks, r, recent)
-    return torch.where(pos + 1 <= k, short, long).to(torch.int32)
-
-
-@contextmanager
-def forced_selection(select: Callable[..., torch.Tensor]) -> Iterator[None]:
-    """Route every DSA top-k selection through ``select(q, w, k, *, k_scale, q_pos, topk, ordered) -> idx`` instead of
-    the indexer (e.g. a sliding window): the models call ``dsv32.ops.indexer_topk``, so attention still runs
-    through the same sparse op with the forced idx."""
-    saved = ops.indexer_topk
-    ops.indexer_topk = select
-    try:
-        yield
-    finally:
-        ops.indexer_topk = saved
-
-
-def window_selection(sinks: int = 4) -> Callable[..., torch.Tensor]:
-    """A ``forced_selection`` function: sinks + the most recent keys, ignoring the indexer's scores."""
-    def select(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, *, k_scale: Any = None, q_pos: torch.Tensor,
-               topk: int, ordered: bool = True) -> torch.Tensor:
-        return window_idx(q_pos, topk, sinks)
-
-    return select
-
-
-# ============================================================================================ I/O
-
-
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "indexers" / "smollm2-135m"
-ASSET_FILE = "indexer.safetensors"
-
-
-def save_indexers(model: nn.Module, path: str | Path, *, extra: dict[str, str] | None = None) -> Path:
-    """The main layers' indexers as safetensors (names as in the model's state dict), shape settings in the
-    metadata (``LlamaModel.load_indexer`` / ``load_gguf(indexer=...)`` read it)."""
-    from safetensors.torch import save_file
-
-    cfg = model.config
-    meta = {k: str(getattr(cfg, k)) for k in ("index_n_heads", "index_head_dim", "index_rope_head_dim", "index_topk",
-                                              "num_hidden_layers", "hidden_size") if hasattr(cfg, k)}
-    meta.update(extra or {})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().contiguous().cpu() for n, p in indexer_params(model).items()}, str(path), metadata=meta)
-    return path
-
-
-@torch.no_grad()
-def load_indexers(model: nn.Module, path: str | Path) -> None:
-    """Load ``save_indexers``'s file (exact key set and shapes)."""
-    from safetensors.torch import load_file
-
-    from dsv32.llama import copy_exact
-
-    copy_exact(indexer_params(model), load_file(str(path)), where=f"{path}: indexer tensors")
-
-
-def ship_indexers(run_dir: str | Path, dest: str | Path = ASSET_DIR, *, topk: int = 512,
+def ship_indexers(run_dir: str | Path, dest: str | Path = INDEXER_DIR, *, topk: int = 512,
                   dtype: torch.dtype = torch.bfloat16) -> Path:
     """Copy a sparsify run's ``indexer.safetensors`` to ``dest`` (in ``dtype``, default k = ``topk`` in the
     metadata) with ``PROVENANCE.json``: the command, data, steps and the last logged KL/recall."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     run_dir, dest = Path(run_dir), Path(dest)
-    src = run_dir / "indexer.safetensors"
-    with safe_open(str(src), "pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k).to(dtype).contiguous() for k in f.keys()}
+    tensors, meta = read_indexer_file(run_dir / "indexer.safetensors")
     meta["index_topk"] = str(topk)
-    dest.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dest / ASSET_FILE), metadata=meta)
+    path = write_indexer_file({k: t.to(dtype) for k, t in tensors.items()}, dest / INDEXER_FILE, meta)
     prov = {**_run_provenance(run_dir, meta), "stored_dtype": str(dtype).removeprefix("torch."),
             "default_index_topk": topk}
     (dest / "PROVENANCE.json").write_text(json.dumps(prov, indent=2) + "\n")
-    return dest / ASSET_FILE
+    return path
 
 
 def _run_provenance(run_dir: Path, meta: dict[str, str] | None = None) -> dict[str, Any]:
@@ -483,10 +187,7 @@ def _run_provenance(run_dir: Path, meta: dict[str, str] | None = None) -> dict[s
     if init:
         parent = Path(init).parent
         if (parent / "sparsify_args.json").is_file() and Path(init).is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(init), "pt") as f:
-                started = {"file": str(init), **_run_provenance(parent, dict(f.metadata() or {}))}
+            started = {"file": str(init), **_run_provenance(parent, read_indexer_file(init)[1])}
         else:
             started = {"file": str(init)}
     tokens = step * args["batch_size"] * args["seq_len"]
@@ -503,46 +204,6 @@ def _run_provenance(run_dir: Path, meta: dict[str, str] | None = None) -> dict[s
         "metrics": f"{run_dir / 'metrics.jsonl'} (not shipped); curves in docs/sparsify.md",
         "started_from": started,
     }
-
-
-def load_smollm2_dsa(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                     indexer: str | Path | None = None, **overrides: Any) -> nn.Module:
-    """SmolLM2-135M-Instruct as a DSA model: the installed GGUF (base weights untouched) plus the shipped
-    stage-1 indexers (``assets/indexers/smollm2-135m``; provenance in ``PROVENANCE.json`` beside them).
-    ``dsv32.load_model("smollm2-135m-dsa")`` routes here."""
-    from dsv32.llama import load_gguf
-
-    path = Path(indexer) if indexer is not None else ASSET_DIR / ASSET_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the SmolLM2 DSA indexer weights are missing from this installation")
-    return load_gguf(None, indexer=path, dtype=dtype, device=device, **overrides)
-
-
-# ============================================================================================ data
-
-
-class TextWindows:
-    """Random token windows from documents (BOS doc EOS, back to back): ``batch(step)`` [B, S+1] is a pure
-    function of (seed, step), so resuming needs no loader state."""
-
-    def __init__(self, ids: np.ndarray, *, seed: int, batch_size: int, seq_len: int) -> None:
-        if len(ids) <= seq_len + 1:
-            raise ValueError(f"only {len(ids)} tokens of training text for windows of {seq_len + 1}")
-        self.ids, self.seed, self.batch_size, self.seq_len = ids, seed, batch_size, seq_len
-
-    def batch(self, step: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.ids) - self.seq_len - 1, self.batch_size)
-        return torch.from_numpy(np.stack([self.ids[s : s + self.seq_len + 1] for s in starts]).astype(np.int64))
-
-
-def tokenize_docs(tok: Any, texts: list[str]) -> np.ndarray:
-    """Documents -> one int32 stream ``BOS doc EOS ...`` (ids absent from the tokenizer are skipped)."""
-    out: list[int] = []
-    bos, eos = getattr(tok, "bos_id", None), getattr(tok, "eos_id", None)
-    for t in texts:
-        out += ([bos] if bos is not None else []) + tok.encode(t) + ([eos] if eos is not None else [])
-    return np.asarray(out, dtype=np.int32)
 
 
 # ============================================================================================ CLI
@@ -599,19 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     """(model, tokenizer or None) from ``--model``; indexers from ``--indexer`` if given."""
-    from dsv32.evals import load_eval_model
-
     model, tok = load_eval_model(args.model, dsa=True, topk=args.topk, index_heads=args.index_heads,
-                                 seed=args.seed)
-    if args.indexer is not None:
-        load_indexers(model, args.indexer)
+                                 seed=args.seed, indexer=args.indexer)
     return model, tok
 
 
 def _batches(args: argparse.Namespace, tok: Any) -> tuple[Callable[[int], torch.Tensor], dict[str, Any]]:
     if args.data is not None:
-        from dsv32.data import TokenDataset
-
         ds = TokenDataset(args.data, "train", seed=args.seed)
         info = {"data": str(args.data), "split": "train", "tokens": ds.num_tokens}
         return lambda step: ds.batch(step, batch_size=args.batch_size, seq_len=args.seq_len), info
@@ -619,15 +274,9 @@ def _batches(args: argparse.Namespace, tok: Any) -> tuple[Callable[[int], torch.
         raise SystemExit("dsv32 sparsify: give --data DIR or --text DIR...")
     if tok is None:
         raise SystemExit("dsv32 sparsify: --text needs a model with a tokenizer")
-    from dsv32.evals import load_split_texts
-
     texts, names = load_split_texts(args.text, "train", max_chars=args.max_chars)
     n_syn = 0
     if args.synthetic_frac > 0:
-        import random
-
-        from dsv32.data import FillerSampler, make_synthetic_doc
-
         rng, filler = random.Random(args.seed), FillerSampler(texts)
         want = args.synthetic_frac / (1 - args.synthetic_frac) * sum(len(t) for t in texts)
         syn: list[str] = []
@@ -657,8 +306,6 @@ def sample_rows(seq_len: int, topk: int, n: int, *, seed: int, step: int) -> tor
 
 def run(args: argparse.Namespace) -> int:
     """The sparsify loop (see the module docstring) on ``run.RunLoop``. Returns the exit code."""
-    from dsv32.evals import mode_context
-
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -698,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
             return {"model": trained, "optimizer": opt.state_dict(), "trainer": {"settings": settings}}
 
         def after_save(step: int) -> None:
-            save_indexers(model, out / "indexer.safetensors", extra={"stage": str(args.stage), "step": str(step)})
+            save_indexer(model, out / "indexer.safetensors", extra={"stage": str(args.stage), "step": str(step)})
 
         def step(i: int) -> dict[str, Any]:
             t0 = time.perf_counter()
@@ -743,12 +390,12 @@ def run(args: argparse.Namespace) -> int:
 
 def plot_sparsify(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """``RUN/sparsify.png``: KL, recall and LM loss over steps (mean and per layer)."""
+    # Lazy: matplotlib takes about a second to import and only the plot needs it; the backend must be chosen
+    # before pyplot is first imported.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dsv32.train.plot import read_metrics
 
     run_dir = Path(run_dir)
     recs = read_metrics(run_dir)
@@ -797,7 +444,7 @@ def cli_main(argv: list[str]) -> int:
         if len(argv) < 2:
             print("usage: dsv32 sparsify ship RUN_DIR [DEST_DIR]", file=sys.stderr)
             return 2
-        print(ship_indexers(argv[1], argv[2] if len(argv) > 2 else ASSET_DIR))
+        print(ship_indexers(argv[1], argv[2] if len(argv) > 2 else INDEXER_DIR))
         return 0
     args = build_parser().parse_args(argv)
     if args.max_steps < 1 or args.batch_size < 1 or args.seq_len < 2:
@@ -806,8 +453,6 @@ def cli_main(argv: list[str]) -> int:
 
 
 __all__ = [
-    "LayerStats", "StepResult", "layer_kl", "indexer_loss", "finish_backward", "stage1_step", "stage2_step",
-    "set_trainable", "detach_indexer_inputs", "indexer_params", "window_idx", "forced_selection",
-    "window_selection", "save_indexers", "load_indexers", "ship_indexers", "load_smollm2_dsa", "plot_sparsify",
-    "cli_main",
+    "StepResult", "stage1_step", "stage2_step", "set_trainable", "detach_indexer_inputs", "ship_indexers",
+    "plot_sparsify", "cli_main",
 ]
