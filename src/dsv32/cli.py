@@ -1,7 +1,8 @@
 """`dsv32 <command>`: one entry point; each command lives in the module that owns its concern.
 
 Commands are imported lazily so `dsv32 --help` stays fast and a missing optional dependency only
-affects the command that needs it.
+affects the command that needs it. The help lists the benchmarks too, from `dsv32.bench.BENCHES` (a
+table: reading it imports no benchmark).
 """
 
 from __future__ import annotations
@@ -9,17 +10,19 @@ from __future__ import annotations
 import importlib
 import sys
 
+from dsv32.bench import BENCHES
+
 # command -> (module:function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dsv32.generate:main", "stream a completion from a model"),
-    "data": ("dsv32.data:cli_main", "prepare token shards from offline corpora or local text"),
+    "data": ("dsv32.data.prepare:cli_main", "prepare token shards from offline corpora or local text"),
     "tokenizer": ("dsv32.tokenizer:cli_main", "train a small byte-level BPE with V3.2's special tokens"),
     "train": ("dsv32.train.trainer:cli_main", "pre-train / continue-train / SFT a model"),
     "plot": ("dsv32.train.plot:cli_main", "plot metrics.jsonl curves to PNG"),
-    "bench": ("dsv32.bench:cli_main", "benchmarks: cost (Fig. 3), train, serve"),
+    "bench": ("dsv32.bench:cli_main", "benchmarks (dsv32 bench NAME; listed below)"),
     "eval": ("dsv32.evals:cli_main", "evaluations: ppl, passkey"),
     "sparsify": ("dsv32.train.sparsify:cli_main", "convert a dense model to DSA (warm-up, sparse stage)"),
-    "serve": ("dsv32.serve.cli:cli_main", "OpenAI-compatible HTTP server"),
+    "serve": ("dsv32.server:cli_main", "OpenAI-compatible HTTP server"),
 }
 
 
@@ -27,6 +30,8 @@ def _usage() -> str:
     lines = ["usage: dsv32 <command> [options]", "", "commands:"]
     for name, (_, help_) in COMMANDS.items():
         lines.append(f"  {name:<10} {help_}")
+    lines += ["", "benchmarks (dsv32 bench NAME):"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in BENCHES.items()]
     return "\n".join(lines)
 
 
