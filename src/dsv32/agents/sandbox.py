@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OUTPUT_CAP = 64 * 1024          # bytes kept per stream; the rest is drained and counted
-SANDBOX_TMP_MB = 64             # size of the sandbox's private /tmp (a tmpfs, i.e. host memory)
+SANDBOX_TMP_MB = 64             # size of the sandbox's private /tmp and /dev/shm (tmpfs, i.e. host memory)
 CODE_MOUNT = "/sandbox"         # where code files the host hands in appear, read-only
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # a few /etc entries programs need (alternatives symlinks, the loader cache); never /etc as a whole
@@ -170,8 +170,8 @@ def _bwrap_argv(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path],
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     system_args, covered = _system_mounts()
     cmd += system_args
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(SANDBOX_TMP_MB << 20),
-            "--tmpfs", "/tmp"]
+    tmpfs = ["--perms", "1777", "--size", str(SANDBOX_TMP_MB << 20), "--tmpfs"]     # small, world-writable
+    cmd += ["--proc", "/proc", "--dev", "/dev", *tmpfs, "/dev/shm", *tmpfs, "/tmp"]
     # binds, shallow first so nested ones land on top; the scratch dir is the only writable one
     binds = [(os.path.realpath(p), "--ro-bind") for p in [*python_roots(python), *ro_paths]]
     binds.append((os.path.realpath(scratch), "--bind"))
@@ -335,6 +335,8 @@ def diagnose(returncode: int | None, stderr: str, timed_out: bool, limits: Limit
         return f"CPU time limit: killed after {limits.cpu_seconds()} s of CPU"
     if returncode == 128 + signal.SIGXFSZ or "File too large" in tail:
         return f"file size limit: a file may not exceed {limits.max_file_mb} MB"
+    if "No space left on device" in tail:
+        return f"space limit: the sandbox's /tmp and /dev/shm hold {SANDBOX_TMP_MB} MB each"
     if "MemoryError" in tail or "Cannot allocate memory" in tail or "std::bad_alloc" in tail:
         return f"memory limit: the address space may not exceed {limits.memory_mb} MB"
     if "Resource temporarily unavailable" in tail or "BlockingIOError" in tail or "fork: " in tail:
@@ -410,17 +412,14 @@ def run_python(code: str, *, scratch: Path, ro_paths: Sequence[Path] = (), timeo
     (so `import tools` finds a `tools.py` there); `ro_paths` are visible read-only at the same paths."""
     limits = Limits(timeout, memory_mb, max_procs, max_file_mb)
     exe = python or sys.executable
-    fd, host_file = tempfile.mkstemp(prefix="dsv32-code-", suffix=".py")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(code)
-    os.chmod(host_file, 0o644)
-    try:
-        target = host_file if unsafe else f"{CODE_MOUNT}/main.py"
+    with tempfile.TemporaryDirectory(prefix="dsv32-code-") as tmp:    # private: it becomes sys.path[0] if unsafe
+        host_file = Path(tmp) / "main.py"
+        host_file.write_text(code, encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        target = str(host_file) if unsafe else f"{CODE_MOUNT}/main.py"
         box = spawn([exe, target], scratch=scratch, ro_paths=ro_paths, limits=limits, python=exe, unsafe=unsafe,
-                    code_files={f"{CODE_MOUNT}/main.py": Path(host_file)}, uid=uid)
+                    code_files={f"{CODE_MOUNT}/main.py": host_file}, uid=uid)
         return communicate(box, stdin, limits)
-    finally:
-        os.unlink(host_file)
 
 
 # ---------------------------------------------------------------------------------------------------------
