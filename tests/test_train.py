@@ -22,8 +22,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv32.config import ModelConfig
+from dsv32.chat import encode_chat
+from dsv32.checkpoint import load_model
+from dsv32.config import PRESETS, ModelConfig
 from dsv32.model import Transformer
+from dsv32.tokenizer import load_tokenizer
 from dsv32.train import checkpointing as ckpt
 from dsv32.train.losses import (
     chunked_cross_entropy,
@@ -31,8 +34,9 @@ from dsv32.train.losses import (
     sequence_balance_loss,
     update_router_bias,
 )
-from dsv32.train.run import lr_at
-from dsv32.train.trainer import cli_main, flops_per_token, param_groups
+from dsv32.train.plot import cli_main as plot_main
+from dsv32.train.run import RunLoop, lr_at
+from dsv32.train.trainer import SFTBatches, cli_main, flops_per_token, param_groups
 from train_fixtures import WideByteTok, prepare_word_corpus
 
 # Flags every run here shares: a tiny batch, one thread (runs are compared across processes), quiet.
@@ -156,6 +160,52 @@ def test_flops_per_token_is_six_times_active_params_plus_attention() -> None:
     assert flops_per_token(cfg, S, mtp=False) < flops_per_token(cfg, S)
 
 
+# ------------------------------------------------------------------------------------------------ the run loop
+
+
+def _toy_run(out: Path, max_steps: int, *, resume: bool = False, stop_after: int | None = None) -> tuple[bool, int]:
+    """A third stage plugged into RunLoop the way RL plugs in: a step function, state() and load(). Noisy SGD on
+    a linear model; the noise comes from the global torch RNG, so exact resume needs the loop's RNG restore."""
+    torch.manual_seed(0)  # every run starts the same way; a resumed one then takes the checkpoint's RNG
+    with RunLoop(out, name="toy", max_steps=max_steps, save_every=2, keep=None, resume=resume,
+                 progress=False) as loop:
+        w = torch.zeros(3)
+        extra = {"seen": 0}
+        if loop.resume_parts is not None:
+            w = loop.resume_parts["model"]["w"].clone()
+
+        def step(i: int) -> dict:
+            nonlocal w
+            x = torch.randn(8, 3)
+            y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(8)
+            grad = 2 * x.t() @ (x @ w - y) / 8
+            w = w - lr_at(i, lr=0.1, min_lr=0.01, warmup=1, max_steps=max_steps) * grad
+            extra["seen"] += 8
+            if stop_after is not None and i + 1 == stop_after:
+                loop.stopper.requested = True  # as SIGTERM would
+            return {"loss": float(((x @ w - y) ** 2).mean()), "seen": extra["seen"]}
+
+        def load(parts: dict) -> None:
+            extra["seen"] = parts["trainer"]["seen"]
+
+        result = loop.run(step, state=lambda: {"model": {"w": w}, "trainer": {"seen": extra["seen"]}}, load=load)
+    return result.stopped, result.step
+
+
+def test_run_loop_stop_and_resume_reproduce_an_uninterrupted_run(tmp_path: Path) -> None:
+    assert _toy_run(tmp_path / "a", 7) == (False, 7)
+    assert _toy_run(tmp_path / "b", 7, stop_after=3) == (True, 3)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b" / "ckpt")] == ["step_000003", "step_000002"]
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.0}\n{"step": 5')  # lines past the checkpoint, one torn: dropped
+    with pytest.raises(SystemExit, match="--resume"):
+        _toy_run(tmp_path / "b", 7)
+    assert _toy_run(tmp_path / "b", 7, resume=True) == (False, 7)
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 8)) and a == b
+    assert ckpt.load_parts(tmp_path / "b" / "ckpt" / "step_000007")["trainer"]["seen"] == 7 * 8
+
+
 # ------------------------------------------------------------------------------------------------ runs
 
 
@@ -191,8 +241,6 @@ def test_run_writes_metrics_checkpoints_and_export(base_run: Path) -> None:
     assert len(biases) == 3 and all(b.abs().sum() > 0 for b in biases)
 
     # OUT/final is an HF-format directory that loads back to the same weights
-    from dsv32.checkpoint import load_model
-
     final = load_model(base_run / "final")
     for k, v in final.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
@@ -200,8 +248,6 @@ def test_run_writes_metrics_checkpoints_and_export(base_run: Path) -> None:
 
 def test_plot_writes_png(base_run: Path) -> None:
     pytest.importorskip("matplotlib")
-    from dsv32.train.plot import cli_main as plot_main
-
     assert plot_main([str(base_run), "--out", str(base_run / "curves.png")]) == 0
     assert (base_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -329,10 +375,6 @@ def test_continued_training_from_exported_model(base_run: Path, data_dir: Path, 
 
 
 def test_sft_trains_only_on_assistant_tokens(tmp_path: Path) -> None:
-    from dsv32.chat import encode_chat
-    from dsv32.tokenizer import load_tokenizer
-    from dsv32.train.trainer import SFTBatches
-
     tok = load_tokenizer()
     convs = [
         {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
@@ -451,7 +493,7 @@ def test_objective_switches_off_and_bench_smoke(data_dir: Path, tmp_path: Path) 
     assert state["layers.1.mlp.gate.e_score_correction_bias"].abs().sum() > 0
 
     pytest.importorskip("transformers")
-    from dsv32.bench.train import run
+    from dsv32.bench.train import run  # after the skip: the HF side of this bench needs transformers
 
     res = run("tiny", seq_len=64, batch_size=1, steps=1, warmup=0, threads=1, hf_attn="sdpa", full=False,
               log=lambda m: None)
@@ -463,8 +505,6 @@ def test_resume_ignores_speed_only_config_switches(base_run: Path, data_dir: Pat
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A preset that gained a speed-only switch (e.g. masked_mha_max_len) still resumes its old runs; a real
     architecture change is still refused."""
-    from dsv32.config import PRESETS
-
     out = tmp_path / "run"
     shutil.copytree(base_run, out)
     monkeypatch.setitem(PRESETS, "tiny", PRESETS["tiny"].replace(masked_mha_max_len=4096))

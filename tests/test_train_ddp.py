@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,6 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_across_layouts(data_dir: P
     # resume under FSDP from the replicated run's step-3 checkpoint
     resumed.mkdir()
     (resumed / "ckpt").mkdir()
-    import shutil
-
     shutil.copytree(one / "ckpt" / "step_000003", resumed / "ckpt" / "step_000003")
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _metrics(one)[:3]))
     _run([*torchrun, "--out", str(resumed), "--resume"])
