@@ -13,7 +13,7 @@ The import graph (`import_graph`):
 - `import a.b.c` (or `from a.b.c import x`) makes Python run the `__init__` of `a`, then `a.b`, then `a.b.c`,
   so it adds an edge to each of them, **except** to packages that contain the importing module: their
   `__init__` has already run (or is running) before the module's own body starts, so the statement
-  initialises nothing there. Without this rule every `dsv32.data.sources -> dsv32.data.documents` import
+  initialises nothing there. Without this rule every `dsv32.data.prepare -> dsv32.data.sources` import
   would look like a cycle through `dsv32.data`, which re-exports both;
 - `from P import x` adds an edge to the module `P.x` when there is one; when `x` is a name, it reads `P`'s
   namespace, and the edge goes to `P` even when `P` contains the importer (a real hazard: if `P/__init__.py`
@@ -251,7 +251,7 @@ def test_graph_sees_the_package() -> None:
     graph, _ = import_graph()
     assert {"dsv32", "dsv32.cli", "dsv32.data", "dsv32.data.prepare", "dsv32.ops"} <= set(graph)
     assert "dsv32.data" in graph["dsv32.train.trainer"]
-    assert "dsv32.data.documents" in graph["dsv32.data.sources"] and "dsv32.data" not in graph["dsv32.data.sources"]
+    assert "dsv32.data.sources" in graph["dsv32.data.prepare"] and "dsv32.data" not in graph["dsv32.data.prepare"]
     assert graph["dsv32"] == {"dsv32.config"}  # `_LAZY` is exempt
 
 

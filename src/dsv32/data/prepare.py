@@ -30,8 +30,19 @@ import numpy as np
 from tqdm import tqdm
 
 from dsv32.data.dataset import MANIFEST_FORMAT, format_info, read_manifest
-from dsv32.data.documents import SPLIT_RULE, DataError, Document, assign_splits, safe_name, sha256_file, split_long_text
-from dsv32.data.sources import SOURCES, fetch_source, load_source, load_text_files
+from dsv32.data.sources import (
+    SOURCES,
+    SPLIT_RULE,
+    DataError,
+    Document,
+    assign_splits,
+    fetch_source,
+    load_source,
+    load_text_files,
+    safe_name,
+    sha256_file,
+    split_long_text,
+)
 from dsv32.data.synthetic import FillerSampler, make_synthetic_doc
 from dsv32.tokenizer import load_tokenizer
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dsv32.data.documents import DataError
+from dsv32.data.sources import DataError
 
 _FIRST = (
     "Ada Alma Amos Anya Aris Basil Bea Boris Cara Cyrus Dara Dmitri Edda Elio Enzo Faye Felix Gemma Greta "
