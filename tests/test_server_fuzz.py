@@ -3,7 +3,7 @@
 Schemathesis generates requests for every operation in the app's own OpenAPI document (`app.openapi()`) and
 sends them through its in-process ASGI transport; the check is `not_a_server_error` (status < 500).
 
-The endpoints read their JSON bodies by hand (`_json_body` + pydantic's `model_validate`, so that every
+The endpoints read their JSON bodies by hand (`read_json_body` + pydantic's `model_validate`, so that every
 refusal is an OpenAI-shaped 400 and not FastAPI's 422), so the OpenAPI document declares *no* request body
 for `POST /v1/chat/completions` and `POST /v1/completions`. Fuzzing that document alone would only ever send
 bodiless POSTs. The test therefore adds, for the fuzz run only, the JSON Schemas of the server's own request

@@ -101,6 +101,14 @@ def load_document() -> DemoDocument:
     )
 
 
+def server_command(model: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The `dsv32 serve` command line and its environment. The key (random per run) goes through the
+    environment: a `--api-key` flag would show in the process list."""
+    cmd = [sys.executable, "-m", "dsv32", "serve", "--model", model, "--port", str(port), "--max-slots", "2",
+           "--max-len", "4096", "--log-level", "warning"]
+    return cmd, {**os.environ, "PYTHONUNBUFFERED": "1", "DSV32_API_KEY": secrets.token_urlsafe(16)}
+
+
 def _chat(client, model: str, messages: list[dict], *, max_tokens: int, stream: bool = True) -> tuple[str, dict]:
     """One chat turn; returns the text and timings (time to first token, per output token)."""
     t0 = time.perf_counter()
@@ -145,12 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     print(__doc__)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    key = secrets.token_urlsafe(16)  # through the environment: a --api-key flag shows in the process list
-    cmd = [sys.executable, "-m", "dsv32", "serve", "--model", model, "--port", str(port), "--max-slots", "2",
-           "--max-len", "4096", "--log-level", "warning"]
+    cmd, env = server_command(model, port)
+    key = env["DSV32_API_KEY"]
     print(f"$ DSV32_API_KEY=... {' '.join(cmd[2:])}")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", "DSV32_API_KEY": key})
+    proc = subprocess.Popen(cmd, env=env)
     try:
         _wait_ready(url, proc)
         print(f"[server] ready in {time.perf_counter() - t0:.1f}s at {url}  (model {model})")
