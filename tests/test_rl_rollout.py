@@ -13,6 +13,15 @@ from dsv32.rl.rollout import Rollout, completion_seed, sample_groups
 from serving_fakes import peaked_tiny_v32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rollouts() -> list[Rollout]:
     g = torch.Generator().manual_seed(0)
     routes = [torch.randint(0, 8, (3 + 4 - 1, 2), generator=g) for _ in range(2)]
@@ -77,7 +86,7 @@ PROMPTS = [[1, 17, 33, 5, 9], [1, 200, 7], [1, 3, 3, 3, 3, 3, 40]]
 
 
 def _sample(model, max_slots: int, **kw) -> list[Rollout]:
-    eng = Engine(model, max_slots=max_slots, max_len=64)
+    eng = Engine(model, max_slots=max_slots, max_len=64, num_threads=1)
     try:
         return sample_groups(eng, PROMPTS, 3, run_seed=11, step=2, max_tokens=8, **kw)
     finally:

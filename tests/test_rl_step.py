@@ -18,10 +18,19 @@ PROMPTS = [[1, 17, 33, 5, 9], [1, 200, 7], [1, 3, 3, 3, 3, 3, 40], [1, 99]]
 G = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def rollouts() -> list[Rollout]:
     model = peaked_tiny_v32()
-    eng = Engine(model, max_slots=8, max_len=64)
+    eng = Engine(model, max_slots=8, max_len=64, num_threads=1)
     try:
         ros = sample_groups(eng, PROMPTS, G, run_seed=5, step=0, max_tokens=6, temperature=1.5, top_p=0.95)
     finally:
@@ -96,7 +105,7 @@ def test_dense_llama_family_without_routes():
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=1000.0,
                       index_n_heads=2, index_head_dim=16, index_rope_head_dim=8, index_topk=16)
     model = LlamaModel(cfg).eval()
-    eng = Engine(model, max_slots=4, max_len=64)
+    eng = Engine(model, max_slots=4, max_len=64, num_threads=1)
     try:
         ros = sample_groups(eng, [[1, 2, 3], [1, 5, 6, 7, 8]], 2, run_seed=0, step=0, max_tokens=6, top_k=20,
                             keep_routes=False)
