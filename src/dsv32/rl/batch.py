@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -39,11 +39,13 @@ class Batch:
     input_len: torch.Tensor
 
     def to(self, device: torch.device | str) -> Batch:
-        mv = lambda t: t.to(device) if t is not None else None  # noqa: E731
-        return Batch(mv(self.input_ids), mv(self.logit_pos), mv(self.targets), mv(self.token_mask),
-                     mv(self.logp_old), mv(self.kept),
-                     [mv(r) for r in self.routes] if self.routes is not None else None,
-                     mv(self.rewards), self.temperature, mv(self.input_len))
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[name] = v.to(device)
+        if self.routes is not None:
+            moved["routes"] = [r.to(device) for r in self.routes]
+        return Batch(**moved)
 
 
 def collate(
