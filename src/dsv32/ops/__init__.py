@@ -58,6 +58,8 @@ def override(name: str, fn: Callable[..., object]) -> Iterator[None]:
 
 
 def _load(name: str) -> ModuleType | None:
+    """A backend module by name, or None where it cannot load (deliberately lazy: the Triton backend needs the
+    optional ``triton`` package and a GPU, and the reference alone must import on any machine)."""
     if name not in _CACHE:
         try:
             _CACHE[name] = importlib.import_module(f"dsv32.ops.{name}")
