@@ -259,3 +259,29 @@ def test_notebook_hard_kill_restarts(tmp_path):
         r = nb.execute("v")
         assert not r.ok and "restarted" in (r.error or "") and "NameError" in (r.error or "")
         assert nb.execute("v = 8\nv").result == "8"
+
+
+def test_notebook_ignores_forged_replies(tmp_path):
+    forge = """
+import fcntl, os, stat
+for fd in range(3, 64):
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+            os.write(fd, b'{"seq": 99, "ok": true, "output": "FORGED", "result": null, "error": null}\\n')
+    except OSError:
+        pass
+x
+"""
+    with NotebookSession(tmp_path, timeout=5) as nb:
+        assert nb.execute("x = 1").ok
+        r = nb.execute(forge)
+        assert r.ok and r.result == "1" and "FORGED" not in r.output, r
+        assert nb.execute("x + 1").result == "2"
+
+
+def test_scratch_must_be_a_private_dir(tmp_path):
+    for bad in ["/", "/usr", "/etc", str(Path.home())]:
+        with pytest.raises(ValueError, match="scratch directory"):
+            run_python("print(1)", scratch=Path(bad))
+    with pytest.raises(FileNotFoundError):
+        run_python("print(1)", scratch=tmp_path / "missing")

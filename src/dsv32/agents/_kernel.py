@@ -3,7 +3,8 @@
 
 Standard library only, and no dsv32 import: the host binds this file read-only into the sandbox and runs it
 with the sandbox's interpreter. Protocol: one JSON object per line. The host sends
-`{"code", "timeout", "cap", "reap"}` on stdin; the kernel answers `{"ok", "output", "result", "error"}` on
+`{"seq", "code", "timeout", "cap", "reap"}` on stdin; the kernel answers `{"seq", "ok", "output", "result",
+"error"}` on
 the pipe that was its stdout. While a cell runs, file descriptors 1 and 2 point at a private temporary file,
 so output from `print`, C extensions and child processes is all captured, in order, and capped.
 """
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import traceback
 
 
@@ -54,6 +56,7 @@ def _reap_strays(me: int) -> None:
         others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, me)]
         if not others:
             return
+        time.sleep(0.01)            # killed processes linger as zombies until their parent reaps them
 
 
 def _in_sandbox() -> bool:
@@ -131,6 +134,7 @@ def main() -> None:
             os._exit(0)
         if req.get("reap") and _in_sandbox():
             _reap_strays(me)
+        reply["seq"] = req.get("seq")
         proto_out.write(json.dumps(reply) + "\n")
         proto_out.flush()
 

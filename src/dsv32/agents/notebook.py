@@ -116,12 +116,16 @@ class NotebookSession:
             self.start()
         assert self.box is not None and self.box.proc.stdin is not None
         limit = min(timeout if timeout is not None else self.limits.timeout, self.limits.timeout)
-        request = {"code": code, "timeout": limit, "cap": OUTPUT_CAP, "reap": not self.unsafe}
         self.cells += 1
+        request = {"seq": self.cells, "code": code, "timeout": limit, "cap": OUTPUT_CAP, "reap": not self.unsafe}
+        deadline = time.monotonic() + limit + self.grace
         try:
             self.box.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.box.proc.stdin.flush()
             reply = self._reply(limit + self.grace)
+            # a cell may write JSON into the reply pipe itself: only the kernel's reply to this request counts
+            while isinstance(reply, dict) and reply.get("seq") != self.cells:
+                reply = self._reply(max(0.0, deadline - time.monotonic()))
         except (OSError, ValueError):
             reply = "eof"
         seconds = time.perf_counter() - t0

@@ -44,6 +44,7 @@ CODE_MOUNT = "/sandbox"         # where code files the host hands in appear, rea
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # a few /etc entries programs need (alternatives symlinks, the loader cache); never /etc as a whole
 _ETC_FILES = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
+_PROTECTED = _SYSTEM_DIRS + ("/etc", "/proc", "/sys", "/dev", "/boot")
 _UNSAFE_HINT = "pass unsafe=True (CLI: --unsafe-tools) to run code WITHOUT isolation, only if you trust it"
 
 
@@ -220,10 +221,22 @@ def sandbox_uid() -> int | None:
     return 2_000_000 + secrets.randbelow(1_000_000_000) if os.geteuid() == 0 else None
 
 
+def check_scratch(path: str | os.PathLike) -> Path:
+    """The scratch dir's real path; refuses a missing dir, `/`, the home dir and system directories (it is
+    made writable to, and owned by, the sandbox)."""
+    real = Path(os.path.realpath(path))
+    if not real.is_dir():
+        raise FileNotFoundError(f"scratch directory {path} does not exist")
+    if str(real) in ("/", os.path.realpath(Path.home())) or _under(str(real), _PROTECTED):
+        raise ValueError(f"scratch directory {real} is a system or home directory; give each trajectory its own")
+    return real
+
+
 def hand_over(path: Path, uid: int | None) -> None:
     """Give the sandbox's uid ownership of `path` and everything under it (root mode; symlinks not followed)."""
     if uid is None:
         return
+    path = check_scratch(path)
     os.lchown(path, uid, uid)
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
@@ -281,9 +294,7 @@ def spawn(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path] = (), 
     under `CODE_MOUNT` to host files bound read-only there; with `unsafe=True` argv runs unisolated and must
     name the host files instead. `uid` (root mode, from `sandbox_uid()`) lets several sandboxes of one
     trajectory share the scratch dir's ownership; the caller has then handed the dir over already."""
-    scratch = Path(scratch)
-    if not scratch.is_dir():
-        raise FileNotFoundError(f"scratch directory {scratch} does not exist")
+    scratch = check_scratch(scratch)
     env = sandbox_env(scratch.resolve())
     pipes = dict(stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE, start_new_session=True, close_fds=True, env=env)
