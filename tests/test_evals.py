@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dsv32 import evals, ops
+from dsv32.checkpoint import save_model
 from dsv32.data import load_split_texts
 from dsv32.evals import passkey, ppl
 from dsv32.evals.selection import needle_selection
@@ -220,3 +221,17 @@ def test_load_model_shipped_dsa_name_with_overrides() -> None:
     tensors, _ = read_indexer_file(SMOLLM2_INDEXER)
     for n, p in indexer_params(m).items():
         torch.testing.assert_close(p, tensors[n].float())
+
+
+def test_load_model_checkpoint_dir_dsa_and_topk_reach_every_layer(tmp_path) -> None:
+    """A V3.2 checkpoint directory with ``dsa=``/``topk=``: the new default k is the one attention uses."""
+    src = load_model("preset:tiny", seed=0)
+    save_model(src, tmp_path / "ckpt")
+    m = load_model(tmp_path / "ckpt", dsa=True, topk=4)
+    assert m.config.use_dsa and m.config.index_topk == 4
+    ids = torch.randint(0, m.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    out = m.forward(ids, return_indexer=True, compute_logits=False)
+    assert all(a.topk_idx is not None and a.topk_idx.shape[-1] == 4 for a in out.indexer)
+    dense = load_model(tmp_path / "ckpt", dsa=False)
+    assert not dense.config.use_dsa
+    assert all(a.topk_idx is None for a in dense.forward(ids, return_indexer=True, compute_logits=False).indexer)

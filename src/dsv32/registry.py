@@ -139,6 +139,16 @@ def load_indexer(model: nn.Module, path: str | Path) -> None:
 # ============================================================================================ load_model
 
 
+def _replace_config(model: nn.Module, cfg: ModelConfig) -> None:
+    """Point the model and every submodule built from its config (attention keeps ``cfg`` for its default k)
+    at ``cfg``: a DSA switch or a new default k then holds everywhere, as if the model had been built with it."""
+    old = model.config
+    for m in model.modules():
+        if getattr(m, "cfg", None) is old:
+            m.cfg = cfg
+    model.config = cfg
+
+
 def _is_gguf(p: Path) -> bool:
     return p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf")))
 
@@ -208,8 +218,7 @@ def load_model(
         if topk:
             changes["index_topk"] = topk
         if changes:
-            # forward reads use_dsa from model.config; its layers keep their k, so pass topk= per call too
-            model.config = model.config.replace(**changes)
+            _replace_config(model, model.config.replace(**changes))
     if indexer is not None:
         load_indexer(model, indexer)
     return model.eval()
