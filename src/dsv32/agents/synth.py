@@ -1,0 +1,175 @@
+"""`dsv32 synth`: write synthesized environments and keep only tasks whose reference solution passes its
+verifier inside the sandbox (issue 13 item 3; paper §3.3, general agent).
+
+For every environment one sandboxed interpreter runs all its tasks (`envs/runner.py`): the solution through
+the tools, the verifier on the solution's answer and on the generator's reference answer, the verifier on
+empty answers (must all fail), and a random policy (schema-valid tool calls with arguments drawn from values
+seen earlier in the episode, then a schema-valid random answer) as a floor that a trivial policy must not
+reach. A task is kept when solution and reference pass and no empty answer does; dropped tasks are reported.
+
+    dsv32 synth --out envs/ --categories all --seeds 10 --difficulty 1..3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsv32.agents.envs import CATEGORIES
+from dsv32.agents.envs.base import Environment, generate, write_tasks
+from dsv32.agents.sandbox import run_python
+
+RUNNER_SOURCE = (Path(__file__).parent / "envs" / "runner.py").read_text(encoding="utf-8")
+
+
+def run_jobs(env_dir: Path, jobs: list[dict], *, job_timeout: float = 20.0, unsafe: bool = False,
+             memory_mb: int = 1024) -> list[dict]:
+    """Run runner jobs for one environment in ONE sandboxed process; one result per job, in order (a job
+    the process never answered, e.g. after a crash, comes back as {"fatal": why})."""
+    env_dir = Path(env_dir).resolve()
+    spec = json.dumps({"env": str(env_dir), "timeout": job_timeout, "jobs": jobs})
+    with tempfile.TemporaryDirectory(prefix="dsv32-synth-") as scratch:
+        res = run_python(RUNNER_SOURCE, scratch=Path(scratch), ro_paths=[env_dir], stdin=spec,
+                         timeout=30 + job_timeout * len(jobs), memory_mb=memory_mb, unsafe=unsafe)
+    got: dict[str, dict] = {}
+    for line in res.stdout.splitlines():
+        try:
+            out = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(out, dict) and "id" in out:
+            got[out["id"]] = out
+    why = res.error or (res.stderr.strip()[-1500:] or f"exit status {res.returncode}")
+    return [got.get(j["id"], {"id": j["id"], "op": j["op"], "fatal": f"runner gave no result: {why}"})
+            for j in jobs]
+
+
+@dataclass
+class Validation:
+    """What validating one environment found."""
+    env: Environment
+    kept: list[dict] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)      # (task id, why)
+    random_ok: list[bool] = field(default_factory=list)                # one per random episode of a kept task
+    empty_ok: list[bool] = field(default_factory=list)                 # one per empty answer of a kept task
+    seconds: float = 0.0
+
+
+def validate(env: Environment, *, random_tries: int = 5, seed: int = 0, unsafe: bool = False) -> Validation:
+    """Run solution -> verifier (and the reference, empty answers, the random policy) for every task of `env`
+    in the sandbox; rewrite its tasks.jsonl with the kept tasks (open tasks get the solution's answer)."""
+    t0 = time.perf_counter()
+    jobs = [{"op": "validate", "id": t["id"], "solution": t["solution"], "verifier": t["verifier"],
+             "reference": t["answer"], "prompt": t["prompt"], "answer_schema": t["answer_schema"],
+             "random": random_tries, "seed": seed} for t in env.tasks]
+    v = Validation(env)
+    for task, out in zip(env.tasks, run_jobs(env.path, jobs, unsafe=unsafe)):
+        why = out.get("fatal") or out.get("error")
+        if not why and not out.get("solution_ok"):
+            why = f"solution's answer fails its verifier: {out.get('solution_reason')}"
+        if not why and task["answer"] is not None and not out.get("reference_ok"):
+            why = f"reference answer fails its verifier: {out.get('reference_reason')}"
+        if not why and any(out.get("empty_ok", [])):
+            why = "the verifier accepts an empty answer"
+        if why:
+            v.dropped.append((task["id"], str(why)))
+            continue
+        if task["answer"] is None:
+            task["answer"] = out["answer"]
+        v.kept.append(task)
+        v.random_ok += out.get("random_ok", [])
+        v.empty_ok += out.get("empty_ok", [])
+    write_tasks(env.path, v.kept)
+    v.env.tasks = v.kept
+    v.seconds = time.perf_counter() - t0
+    return v
+
+
+def parse_levels(text: str) -> list[int]:
+    """"1..3" -> [1, 2, 3]; "2" -> [2]; "1,3" -> [1, 3]."""
+    if ".." in text:
+        lo, hi = text.split("..")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def synthesize(out: Path, categories: Sequence[str], seeds: Sequence[int], levels: Sequence[int], *,
+               per_level: int = 2, random_tries: int = 5, unsafe: bool = False, log=print) -> dict:
+    """Generate and validate every (category, seed) environment; returns the summary `dsv32 synth` prints."""
+    per_cat: dict[str, Counter] = defaultdict(Counter)
+    dropped: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    sandbox_s = 0.0
+    for name in categories:
+        cat = CATEGORIES[name]
+        for seed in seeds:
+            v = validate(generate(cat, seed, out, levels, per_level), random_tries=random_tries, seed=seed,
+                         unsafe=unsafe)
+            c = per_cat[name]
+            c["envs"] += 1
+            c["generated"] += len(v.kept) + len(v.dropped)
+            c["kept"] += len(v.kept)
+            c["random_pass"] += sum(v.random_ok)
+            c["random_runs"] += len(v.random_ok)
+            c["empty_pass"] += sum(v.empty_ok)
+            c["empty_runs"] += len(v.empty_ok)
+            for t in v.kept:
+                c[f"level{t['difficulty']}"] += 1
+            dropped += v.dropped
+            sandbox_s += v.seconds
+        log(f"{name:12s} envs {per_cat[name]['envs']:4d}  kept {per_cat[name]['kept']:5d} / "
+            f"{per_cat[name]['generated']:5d}  random pass {per_cat[name]['random_pass']}/"
+            f"{per_cat[name]['random_runs']}")
+    tot = sum(per_cat.values(), Counter())
+    summary = {
+        "categories": len(per_cat), "environments": tot["envs"], "tasks_generated": tot["generated"],
+        "tasks_kept": tot["kept"], "reference_pass_rate": 1.0 if tot["kept"] else 0.0,
+        "dropped": [{"id": i, "why": w} for i, w in dropped],
+        "random_policy_pass_rate": tot["random_pass"] / max(1, tot["random_runs"]),
+        "random_policy_runs": tot["random_runs"],
+        "empty_answer_pass_rate": tot["empty_pass"] / max(1, tot["empty_runs"]),
+        "by_level": {k: v for k, v in sorted(tot.items()) if k.startswith("level")},
+        "per_category": {k: dict(v) for k, v in per_cat.items()},
+        "seconds": time.perf_counter() - t0, "sandbox_seconds": sandbox_s,
+    }
+    return summary
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dsv32 synth", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="output directory (one sub-directory per environment)")
+    ap.add_argument("--categories", default="all", help=f"comma list or 'all' ({', '.join(CATEGORIES)})")
+    ap.add_argument("--seeds", type=int, default=5, help="environments per category (seeds seed-start..)")
+    ap.add_argument("--seed-start", type=int, default=0)
+    ap.add_argument("--difficulty", default="1..3", help="levels, e.g. 1..3, 2, 1,3 (default 1..3)")
+    ap.add_argument("--per-level", type=int, default=2, help="tasks per difficulty level per environment")
+    ap.add_argument("--random", type=int, default=5, help="random-policy episodes per task (0: none)")
+    ap.add_argument("--json", type=Path, help="write the summary (and dropped tasks) here")
+    ap.add_argument("--unsafe", action="store_true",
+                    help="run tools/solutions/verifiers WITHOUT the sandbox (only if you trust the code)")
+    args = ap.parse_args(argv)
+    cats = list(CATEGORIES) if args.categories == "all" else [c.strip() for c in args.categories.split(",")]
+    unknown = [c for c in cats if c not in CATEGORIES]
+    if unknown:
+        print(f"dsv32 synth: unknown categories {unknown}; known: {', '.join(CATEGORIES)}", file=sys.stderr)
+        return 2
+    levels = parse_levels(args.difficulty)
+    s = synthesize(args.out, cats, range(args.seed_start, args.seed_start + args.seeds), levels,
+                   per_level=args.per_level, random_tries=args.random, unsafe=args.unsafe)
+    print(f"{s['tasks_kept']} verified tasks in {s['environments']} environments, {s['categories']} categories "
+          f"({s['tasks_generated'] - s['tasks_kept']} dropped); by level {s['by_level']}")
+    print(f"random policy passes {s['random_policy_pass_rate']:.2%} of {s['random_policy_runs']} episodes; "
+          f"empty answers pass {s['empty_answer_pass_rate']:.2%}; {s['seconds']:.1f} s")
+    for d in s["dropped"][:20]:
+        print(f"  dropped {d['id']}: {d['why'][:300]}")
+    if args.json:
+        args.json.write_text(json.dumps(s, indent=1))
+    return 0
