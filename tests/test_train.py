@@ -274,7 +274,9 @@ def test_resume_detects_corrupt_checkpoint_and_uses_previous(
     elif damage == "no_manifest":
         (newest / "manifest.json").unlink()
     else:  # a save of step 9 killed half-way: the tmp dir is ignored and removed, step 6 is good
-        tmp = out / "ckpt" / ".tmp-step_000009-4242"
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # a process id that no longer runs, as a killed writer's
+        tmp = out / "ckpt" / f".tmp-step_{9:06d}-{gone.pid}"
         tmp.mkdir()
         (tmp / "model.pt").write_bytes(b"partial")
         expect_from = 6
@@ -357,6 +359,25 @@ def test_preset_takes_the_vocabulary_of_the_data(tmp_path: Path, capsys: pytest.
     assert json.loads((tmp_path / "wide" / "config.json").read_text())["vocab_size"] == 1024
     with pytest.raises(SystemExit, match="--vocab-size"):
         cli_main([*flags, "--out", str(tmp_path / "small"), "--max-steps", "1", "--vocab-size", "512"])
+
+
+def test_clean_up_spares_the_temporaries_of_a_live_writer(tmp_path: Path) -> None:
+    """A resume or an evaluation of a run that is still saving must not delete that save's temporaries."""
+    root = tmp_path / "ckpt"
+    ckpt.save_checkpoint(root, 1, {"model": {"w": torch.ones(1)}})
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = [root / f".tmp-step_000002-{writer.pid}", root / f".trash-step_000001-{writer.pid}"]
+        for p in live:
+            p.mkdir()
+        assert ckpt.latest_valid(root)[0].name == "step_000001"
+        assert all(p.is_dir() for p in live)
+    finally:
+        writer.kill()
+        writer.wait()
+    with pytest.warns(ckpt.CheckpointWarning, match="removing"):
+        ckpt.latest_valid(root)
+    assert [p.name for p in root.iterdir()] == ["step_000001"]
 
 
 def test_continued_training_from_exported_model(base_run: Path, data_dir: Path, tmp_path: Path) -> None:

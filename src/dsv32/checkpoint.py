@@ -675,7 +675,7 @@ def save_model(
         else:
             tmp.mkdir()
         _write_export(model, tmp, fp8=fp8, max_shard_bytes=max_shard_bytes)
-        _fsync(tmp)
+        fsync_path(tmp)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -695,7 +695,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush ``path`` (a file, or a directory's entries) to disk; best effort where the OS refuses."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -723,7 +723,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.rename(out, old)
-        _fsync(out.parent)
+        fsync_path(out.parent)
         try:
             os.rename(tmp, out)
         except BaseException:
@@ -731,7 +731,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
             raise
     else:
         os.rename(tmp, out)
-    _fsync(out.parent)
+    fsync_path(out.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
     if cwd is not None:
@@ -759,12 +759,13 @@ def _recover_export(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
     for p in parent.glob(f".{out.name}.tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue  # another process is saving there right now
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (so a temporary named after it may be in use)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -831,7 +832,7 @@ def _write_export(model: nn.Module, out: Path, *, fp8: bool, max_shard_bytes: in
             weight_map[name] = fname
             total += t.numel() * t.element_size()
         save_file(tensors, out / fname, metadata={"format": "pt"})
-        _fsync(out / fname)
+        fsync_path(out / fname)
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

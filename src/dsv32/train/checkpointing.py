@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from dsv32.checkpoint import fsync_path, pid_alive
+
 FORMAT = "dsv32-train-ckpt/1"
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"step_(\d+)")
@@ -56,19 +58,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, write: Callable[[Any], None]) -> None:
@@ -101,7 +90,7 @@ def save_checkpoint(root: str | Path, step: int, parts: dict[str, Any], *, keep:
         files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": files, **(info or {})}
     _write_file(tmp / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()))
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     final = root / name
     trash = None
     if final.exists():  # re-saving a step: swap, then delete (a kill in between: clean_temporaries restores)
@@ -109,9 +98,9 @@ def save_checkpoint(root: str | Path, step: int, parts: dict[str, Any], *, keep:
         if trash.exists():
             shutil.rmtree(trash)
         os.rename(final, trash)
-        _fsync_dir(root)
+        fsync_path(root)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     if keep:
@@ -155,18 +144,22 @@ def verify_checkpoint(path: str | Path) -> str | None:
 def clean_temporaries(root: str | Path, warn: Callable[[str], None] | None = None) -> None:
     """Tidy up after a process killed while saving: remove ``.tmp-*`` directories (never renamed into place)
     and ``.trash-*`` ones whose step was replaced; a ``.trash-step_N-*`` whose ``step_N`` is missing is the
-    only copy of that step (killed between the two renames of a re-save) and is put back."""
+    only copy of that step (killed between the two renames of a re-save) and is put back. Temporaries of a
+    process still running on this machine are left alone."""
     root = Path(root)
     if not root.is_dir():
         return
     leftovers = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".trash-")))
     for p in leftovers:
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue  # a live process is saving there now (e.g. an evaluation reading a run that still trains)
         if p.name.startswith(".trash-"):
             step_name = p.name.removeprefix(".trash-").rsplit("-", 1)[0]
             if _STEP_RE.fullmatch(step_name) and not (root / step_name).exists():
                 _warn(warn, f"restoring {root / step_name} from {p.name}: a re-save of that step was interrupted")
                 os.rename(p, root / step_name)
-                _fsync_dir(root)
+                fsync_path(root)
                 continue
         _warn(warn, f"removing {p}: left over from a save that was interrupted")
         shutil.rmtree(p, ignore_errors=True)

@@ -506,7 +506,7 @@ def _load_model_config(args: argparse.Namespace, log: Callable[[str], None] | No
             if tok["vocab_size"] != cfg.vocab_size:
                 if log is not None:
                     log(f"vocab_size {tok['vocab_size']} from {args.data / 'manifest.json'} (tokenizer "
-                        f"{tok.get('name')!r}) instead of preset {args.preset!r}'s {cfg.vocab_size}; "
+                        f"{tok.get('name')!r}) instead of the {args.preset!r} preset's {cfg.vocab_size}; "
                         "--vocab-size N overrides")
                 cfg = cfg.replace(vocab_size=int(tok["vocab_size"]))
     else:
