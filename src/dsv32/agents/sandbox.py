@@ -378,11 +378,11 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
     return bool(ready)
 
 
-def communicate(box: Sandboxed, stdin: str | None, limits: Limits) -> ExecResult:
+def communicate(box: Sandboxed, stdin: str | None, limits: Limits, output_cap: int = OUTPUT_CAP) -> ExecResult:
     """Feed stdin, collect capped output, enforce the wall-clock timeout, always tear the sandbox down."""
     t0 = time.perf_counter()
     proc = box.proc
-    out, err = CappedReader(proc.stdout), CappedReader(proc.stderr)
+    out, err = CappedReader(proc.stdout, output_cap), CappedReader(proc.stderr, output_cap)
     if proc.stdin is not None:
         def feed() -> None:
             try:
@@ -406,21 +406,23 @@ def communicate(box: Sandboxed, stdin: str | None, limits: Limits) -> ExecResult
 def run_command(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path] = (), timeout: float = 120.0,
                 memory_mb: int = 1024, max_procs: int = 64, max_file_mb: int = 64, stdin: str | None = None,
                 unsafe: bool = False, python: str | None = None, uid: int | None = None,
-                _probe: bool = False) -> ExecResult:
+                output_cap: int = OUTPUT_CAP, _probe: bool = False) -> ExecResult:
     """Run `argv` (absolute path or a name on the sandbox's PATH) sandboxed in `scratch`; see module doc."""
     limits = Limits(timeout, memory_mb, max_procs, max_file_mb)
     box = spawn(argv, scratch=scratch, ro_paths=ro_paths, limits=limits, python=python, unsafe=unsafe, uid=uid,
                 _probe=_probe)
-    return communicate(box, stdin, limits)
+    return communicate(box, stdin, limits, output_cap)
 
 
 def run_python(code: str, *, scratch: Path, ro_paths: Sequence[Path] = (), timeout: float = 120.0,
                memory_mb: int = 1024, max_procs: int = 64, max_file_mb: int = 64, stdin: str | None = None,
-               unsafe: bool = False, python: str | None = None, uid: int | None = None) -> ExecResult:
+               unsafe: bool = False, python: str | None = None, uid: int | None = None,
+               output_cap: int = OUTPUT_CAP) -> ExecResult:
     """Run a Python program in a fresh sandboxed interpreter (this venv's, read-only; stdlib + its packages).
 
     The code is handed in as a read-only file `/sandbox/main.py`; `scratch` is the cwd and on `sys.path`
-    (so `import tools` finds a `tools.py` there); `ro_paths` are visible read-only at the same paths."""
+    (so `import tools` finds a `tools.py` there); `ro_paths` are visible read-only at the same paths.
+    `output_cap` bytes of each stream are kept (raise it for a batch runner with many result lines)."""
     limits = Limits(timeout, memory_mb, max_procs, max_file_mb)
     exe = python or sys.executable
     with tempfile.TemporaryDirectory(prefix="dsv32-code-") as tmp:    # private: it becomes sys.path[0] if unsafe
@@ -430,7 +432,7 @@ def run_python(code: str, *, scratch: Path, ro_paths: Sequence[Path] = (), timeo
         target = str(host_file) if unsafe else f"{CODE_MOUNT}/main.py"
         box = spawn([exe, target], scratch=scratch, ro_paths=ro_paths, limits=limits, python=exe, unsafe=unsafe,
                     code_files={f"{CODE_MOUNT}/main.py": host_file}, uid=uid)
-        return communicate(box, stdin, limits)
+        return communicate(box, stdin, limits, output_cap)
 
 
 # ---------------------------------------------------------------------------------------------------------
