@@ -45,6 +45,7 @@ from dsv32.evals import load_eval_model, mode_context
 from dsv32.registry import (
     INDEXER_DIR,
     INDEXER_FILE,
+    indexer_metadata,
     indexer_params,
     read_indexer_file,
     save_indexer,
@@ -187,7 +188,7 @@ def _run_provenance(run_dir: Path, meta: dict[str, str] | None = None) -> dict[s
     if init:
         parent = Path(init).parent
         if (parent / "sparsify_args.json").is_file() and Path(init).is_file():
-            started = {"file": str(init), **_run_provenance(parent, read_indexer_file(init)[1])}
+            started = {"file": str(init), **_run_provenance(parent, indexer_metadata(init))}
         else:
             started = {"file": str(init)}
     tokens = step * args["batch_size"] * args["seq_len"]
