@@ -193,6 +193,18 @@ def test_exposure_warning(tmp_path: Path):
 # ------------------------------------------------------------------------------ in-process, loopback
 
 
+def test_with_a_key_other_hosts_and_origins_are_the_keys_business():
+    """A key replaces the Host and Origin guards (a proxy may rewrite Host; a foreign page has no key)."""
+    app = create_app(scripted(TOK, "Hi"), TOK, model_name="m", api_key="k", max_slots=1, max_len=256)
+    headers = {"Host": "api.example", "Origin": "https://app.example"}
+    with LiveServer(app) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat_body(), headers=headers)
+        assert error(r, 401)["code"] == "invalid_api_key"
+        headers["Authorization"] = "Bearer k"
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat_body(), headers=headers)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hi"
+
+
 def test_prompt_longer_than_the_context_in_characters_is_not_tokenised(monkeypatch):
     tok = byte_tokenizer()
     calls = []

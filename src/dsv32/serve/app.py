@@ -8,8 +8,8 @@ whose client goes away cancels its request, which frees the slot at the engine's
 Nothing a single request does may stall the others or fail the batch: tokenising and chat rendering run
 in worker threads (the event loop keeps streaming), a prompt whose length in characters alone proves it
 cannot fit the context is refused before it is tokenised, and prompt ids are checked against the model's
-vocabulary before they reach the engine. Requests addressed to a non-loopback `Host` are refused when the
-server listens on loopback without an API key (DNS rebinding), and cross-origin POSTs are refused.
+vocabulary before they reach the engine. Without an API key, requests addressed to a non-loopback `Host`
+are refused when the server listens on loopback (DNS rebinding), and so are cross-origin POSTs.
 
 Endpoints: `GET /v1/models`, `GET /v1/models/{name}`, `POST /v1/chat/completions`, `POST /v1/completions`,
 `GET /health`, `GET /` (the chat page, `web/`). Build the app in-process with :func:`create_app`.
@@ -94,8 +94,8 @@ class _RequestGuard:
     """ASGI middleware run before routing: the Host check (DNS rebinding) and the cross-origin check.
 
     A web page can make a browser send requests to 127.0.0.1 (a form POST, or a DNS name it rebinds to
-    127.0.0.1); the browser then sends the page's Host name and Origin. A server on loopback without a key
-    only answers requests addressed to a loopback name, and nobody's POST carries a foreign Origin.
+    127.0.0.1); the browser then sends the page's Host name and Origin. Without a key, a server on loopback
+    answers only requests addressed to a loopback name, and no POST may carry a foreign Origin.
     """
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
@@ -114,8 +114,9 @@ class _RequestGuard:
 
 
 def _max_token_chars(tokenizer: Any) -> int | None:
-    """Most characters one token can stand for: the longest vocabulary entry (byte-level entries spell one
-    byte per character, so this bounds the decoded length too). None when the tokenizer cannot say."""
+    """Most characters of text one token can stand for: the longest vocabulary entry (a byte-level entry spells
+    one byte per character, a byte is at most one character). This assumes the normalizer deletes nothing
+    (true of the byte-level and Metaspace tokenizers here). None when the tokenizer cannot say."""
     backend = getattr(tokenizer, "backend", None)
     if backend is None or not hasattr(backend, "get_vocab"):
         return None
@@ -170,8 +171,11 @@ class ServerState:
                 param="Host",
                 code="host_not_allowed",
             )
+        # with a key, a foreign page cannot authenticate anyway (a browser never adds the Bearer header by
+        # itself), and a proxy that rewrites Host must keep working; without one, Origin is what is left
         origin = headers.get("origin")
-        if origin is not None and scope.get("method") not in _SAFE_METHODS and not _same_origin(origin, host):
+        foreign = origin is not None and not _same_origin(origin, host)
+        if self.api_key is None and foreign and scope.get("method") not in _SAFE_METHODS:
             return APIError(
                 403,
                 f"Cross-origin request from {origin!r} refused: this server does not serve other web origins.",
