@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = prompts[0] * 4
         question, follow = prompts[1][:16], prompts[2][:16]
     else:
-        from dsv32.registry import load_model
+        from dsv32.registry import load_model, shipped
 
         model = load_model(args.model).eval()
         from dsv32.tokenizer import load_tokenizer
@@ -339,10 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         question = tok.encode("\n\nQuestion: what is this document about? Answer:")
         follow = tok.encode("\n\nQuestion: give one detail from it. Answer:")
         is_llama = type(model).__name__ == "LlamaModel"
-        if is_llama and str(args.model).lower().startswith("smollm2") or str(args.model).endswith(".gguf"):
+        entry = shipped(args.model)
+        if is_llama and entry is not None or str(args.model).endswith(".gguf"):
             from dsv32.gguf import resolve_gguf
 
-            gguf = resolve_gguf(None if str(args.model).lower().startswith("smollm2") else args.model)
+            gguf = entry.gguf() if entry is not None else resolve_gguf(args.model)
         if not is_llama:
             args.no_hf = True  # HF's V3.2 class builds random weights only; the comparison needs the same weights
             args.no_llama_cpp = True
