@@ -6,8 +6,11 @@ Never skipped silently: with CI=true a missing sandbox FAILS; elsewhere the skip
 """
 
 import os
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -16,7 +19,16 @@ from pathlib import Path
 import pytest
 
 from dsv32.agents.notebook import NotebookSession
-from dsv32.agents.sandbox import OUTPUT_CAP, SandboxUnavailable, run_command, run_python, sandbox_available
+from dsv32.agents.sandbox import (
+    OUTPUT_CAP,
+    Limits,
+    SandboxUnavailable,
+    _bwrap_argv,
+    run_command,
+    run_python,
+    sandbox_available,
+    sandbox_env,
+)
 from dsv32.agents.tools import Toolbox
 
 
@@ -285,3 +297,34 @@ def test_scratch_must_be_a_private_dir(tmp_path):
             run_python("print(1)", scratch=Path(bad))
     with pytest.raises(FileNotFoundError):
         run_python("print(1)", scratch=tmp_path / "missing")
+
+
+def test_user_namespace_mode_as_an_unprivileged_user():
+    """The non-root path (bwrap --unshare-user; RLIMIT_NPROC counted per user namespace), exercised here by
+    starting the same command line as `nobody` with the system Python (the venv's may sit under /root)."""
+    if os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK) or shutil.which("setpriv") is None:
+        pytest.skip("needs root (to become nobody), setpriv and /usr/bin/python3")
+    with tempfile.TemporaryDirectory(prefix="dsv32-userns-") as tmp:    # pytest's tmp_path sits in a 0700 dir
+        _userns_probe(Path(tmp))
+
+
+def _userns_probe(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o777)
+    code = tmp_path / "probe.py"
+    code.write_text("import os, socket\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+                    "            import time; time.sleep(5); os._exit(0)\n        n += 1\n"
+                    "except OSError:\n    print('forks', n)\n"
+                    "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\nexcept OSError as e:\n"
+                    "    print('net', e.errno)\nprint(sorted(os.listdir('/')))\n")
+    os.chmod(code, 0o644)
+    cmd = _bwrap_argv(["/usr/bin/python3", "probe.py"], scratch=tmp_path, ro_paths=[], limits=Limits(20, max_procs=16),
+                      uid=None, code_files={}, python="/usr/bin/python3")
+    assert "--unshare-user" in cmd
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    r = subprocess.run([*nobody, *cmd], env=sandbox_env(tmp_path), capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 and ("No permissions to create" in r.stderr or "new namespace failed" in r.stderr):
+        pytest.skip(f"unprivileged user namespaces are not allowed here: {r.stderr.strip()}")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 3, (r.stdout, r.stderr)
+    assert int(lines[0].split()[1]) < 16 and lines[1] == "net 101"
+    assert "root" not in lines[2] and "work" not in lines[2]

@@ -45,7 +45,7 @@ _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # a few /etc entries programs need (alternatives symlinks, the loader cache); never /etc as a whole
 _ETC_FILES = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
 _PROTECTED = _SYSTEM_DIRS + ("/etc", "/proc", "/sys", "/dev", "/boot")
-_UNSAFE_HINT = "pass unsafe=True (CLI: --unsafe-tools) to run code WITHOUT isolation, only if you trust it"
+_UNSAFE_HINT = "pass unsafe=True to run code WITHOUT isolation (rlimits and timeout only), only if you trust it"
 
 
 class SandboxUnavailable(RuntimeError):
