@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dsv32.engine import Engine
+from dsv32.rl import replay_check
 from dsv32.rl import rollout as rl_rollout
 from dsv32.rl.batch import collate, policy_logprobs
 from dsv32.rl.rollout import Rollout, completion_seed, sample_groups
@@ -129,3 +130,11 @@ def test_keep_routing_and_sampling_mask_reproduce_engine_logprobs(model):
     gap = (no_mask - batch.logp_old).abs()[m]
     truncated = torch.tensor([k is not None and len(k) < V for r in ros for k in r.kept])
     assert truncated.any() and float(gap.max()) > 1e-2
+
+
+def test_replay_check_tiny_runs_and_reports():
+    argv = "--prompts 2 --group-size 2 --max-tokens 4 --top-p 0.8 --updates 1 --lr 0.05".split()
+    rep = replay_check.main(argv)
+    row = rep["equal_weights"][0]
+    assert row["tokens"] == 16 and row["kept_mask_max_abs"] < 1e-5 and row["no_mask_mean_abs"] > 1e-2
+    assert len(rep["route_flip_rate"]) == 1 and 0 < rep["route_flip_rate"][0] <= 1
