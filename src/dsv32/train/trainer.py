@@ -578,6 +578,9 @@ def train(args: argparse.Namespace) -> int:
         cfg: ModelConfig = model.config
         if parts is not None:  # before sharding: fully_shard splits the loaded tensors in place
             model.load_state_dict(parts["model"])
+            del parts["model"]  # the loop keeps the rest for load() below; no second copy of the weights
+        resuming = parts is not None
+        del parts
         if args.fsdp:
             shard_model(model, d)
 
@@ -591,7 +594,7 @@ def train(args: argparse.Namespace) -> int:
             batches = PretrainBatches(args.data, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len)
             tokenizer = batches.ds.manifest["tokenizer"].get("name")
         if batches.vocab_size > cfg.vocab_size:
-            fix = ("--vocab-size N or a --config with a larger vocab_size" if not args.init_from and parts is None
+            fix = ("--vocab-size N or a --config with a larger vocab_size" if not args.init_from and not resuming
                    else "a tokenizer whose ids fit the model")
             raise SystemExit(f"dsv32 train: the data uses {batches.vocab_size} token ids but the model's "
                              f"vocab_size is {cfg.vocab_size}; use {fix}")
