@@ -182,7 +182,7 @@ def _toy_run(out: Path, max_steps: int, *, resume: bool = False, stop_after: int
             w = w - lr_at(i, lr=0.1, min_lr=0.01, warmup=1, max_steps=max_steps) * grad
             extra["seen"] += 8
             if stop_after is not None and i + 1 == stop_after:
-                loop.stopper.requested = True  # as SIGTERM would
+                loop.request_stop()  # as SIGTERM would
             return {"loss": float(((x @ w - y) ** 2).mean()), "seen": extra["seen"]}
 
         def load(parts: dict) -> None:

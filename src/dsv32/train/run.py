@@ -38,7 +38,7 @@ How a new stage plugs in (RL is the model)::
             opt.load_state_dict(parts["optimizer"])
 
         result = loop.run(step, state=state, load=load)
-    if result.stopped: ...                            # a signal ended it; the checkpoint is on disk
+    if result.stopped: ...                            # a signal (or loop.request_stop()) ended it; saved
 
 The ``trainer`` part is shared: the loop writes ``step`` and ``rng`` into it beside the caller's own keys.
 """
@@ -335,8 +335,12 @@ class RunLoop:
 
     @property
     def stop_requested(self) -> bool:
-        """A signal arrived at this rank (the loop stops after the step in flight, agreed over ranks)."""
+        """A stop was asked of this rank (the loop stops after the step in flight, agreed over ranks)."""
         return self.stopper.requested
+
+    def request_stop(self) -> None:
+        """Stop after the step in flight, save and return, as SIGTERM would (e.g. a caller's time budget)."""
+        self.stopper.requested = True
 
     def __enter__(self) -> RunLoop:
         self.stopper.__enter__()
@@ -396,7 +400,8 @@ class RunLoop:
         def save(reason: str) -> None:
             parts = state()  # every rank: may be collective (FSDP gathers its shards)
             if d.main:
-                assert parts is not None, "state() returned nothing on rank 0"
+                if parts is None:
+                    raise RuntimeError(f"{self.name}: state() returned None on rank 0; it must return the parts")
                 parts = {**parts, RUN_PART: {**parts.get(RUN_PART, {}), "step": self.step, "rng": rng_state()}}
                 path = ckpt.save_checkpoint(self.ckpt_root, self.step, parts, keep=self.keep,
                                             info={"reason": reason})
@@ -418,7 +423,7 @@ class RunLoop:
                 if postfix is not None:
                     bar.set_postfix(**postfix(rec))
                 if d.any(self.stopper.requested):
-                    save(f"stopped by {self.stopper.signal_name or 'signal'}")
+                    save(f"stopped by {self.stopper.signal_name or 'request'}")
                     self.log(f"stopped at step {self.step}; resume with --resume")
                     return RunResult(self.step, stopped=True)
                 if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
