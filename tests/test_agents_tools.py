@@ -4,13 +4,14 @@ files, BM25 search against a from-the-definition reference, the notebook's 20-ex
 import json
 import math
 import os
+import sqlite3
 from collections import Counter
 
 import pytest
 
 from dsv32.agents.sandbox import sandbox_available
 from dsv32.agents.search import BM25, snippet, split_passages, tokenize
-from dsv32.agents.tools import SCHEMAS, Toolbox, ToolError, calculate, check_arguments
+from dsv32.agents.tools import SCHEMAS, Toolbox, ToolError, calculate, check_arguments, schema_error
 
 HOST_TOOLS = ["read_file", "write_file", "search", "calculator"]     # run in-process, no sandbox needed
 CORPUS = [
@@ -53,11 +54,20 @@ def test_schemas_are_openai_functions():
 def test_argument_checks():
     schema = SCHEMAS["read_file"]
     assert check_arguments(schema, '{"path": "a", "limit": 3}') == {"path": "a", "limit": 3}
-    for bad, why in [("{", "not valid JSON"), ("[1]", "JSON object"), ("{}", "missing"),
-                     ('{"path": 1}', "type string"), ('{"path": "a", "limit": true}', "type integer"),
-                     ('{"path": "a", "mode": "w"}', "unknown argument")]:
+    for bad, why in [("{", "not valid JSON"), ("[1]", "JSON object"), ("{}", "missing required 'path'"),
+                     ('{"path": 1}', "path must be of type string"), ('{"path": "a", "limit": true}', "type integer"),
+                     ('{"path": "a", "mode": "w"}', "unknown 'mode'")]:
         with pytest.raises(ToolError, match=why):
             check_arguments(schema, bad)
+    nested = {"type": "object", "properties": {
+        "days": {"type": "array", "items": {"type": "object", "properties": {"city": {"type": "string"}},
+                                            "required": ["city"]}},
+        "mode": {"type": "string", "enum": ["fast", "cheap"]}, "n": {"type": ["integer", "null"]}}}
+    assert schema_error({"days": [{"city": "Oslo"}], "mode": "fast", "n": None}, nested) is None
+    assert schema_error({"days": [{"city": 3}]}, nested) == "days[0].city must be of type string, got int"
+    assert schema_error({"days": [{}]}, nested) == "days[0]: missing required 'city'"
+    assert "one of" in schema_error({"mode": "slow"}, nested)
+    assert "integer or null" in schema_error({"n": 1.5}, nested)
 
 
 def test_calls_never_raise(tb):
@@ -165,3 +175,89 @@ def test_python_limit_per_thinking_span(tmp_path):
         assert box.call("python", {"code": "n"}).content == "20"
         assert box.call("python", {"code": "print('a'); print('b')"}).content == "a\nb"
         assert box.call("python", {"code": "x = 1"}).content == "(no output)"
+
+
+ENV_TOOLS = '''
+import sqlite3
+from pathlib import Path
+
+_DB = sqlite3.connect(f"file:{Path(__file__).with_name('db.sqlite')}?mode=ro&immutable=1", uri=True)
+
+
+def get_city(name: str) -> dict:
+    row = _DB.execute("SELECT name, population FROM city WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise ValueError(f"no city named {name!r}")
+    return {"name": row[0], "population": row[1]}
+
+
+def cities_over(threshold: int, names: list) -> list:
+    return [n for n in names if get_city(n)["population"] > threshold]
+
+
+def sneaky() -> str:
+    import socket
+    socket.create_connection(("1.1.1.1", 53), timeout=1)
+    return "connected"
+'''
+
+
+def _make_env(root):
+    env = root / "env"
+    env.mkdir()
+    (env / "tools.py").write_text(ENV_TOOLS)
+    db = sqlite3.connect(env / "db.sqlite")
+    db.execute("CREATE TABLE city (name TEXT, population INTEGER)")
+    db.executemany("INSERT INTO city VALUES (?, ?)", [("Oslo", 700_000), ("Bergen", 290_000)])
+    db.commit()
+    db.close()
+    schemas = [
+        {"type": "function", "function": {"name": "get_city", "description": "a city", "parameters": {
+            "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+            "additionalProperties": False}}},
+        {"type": "function", "function": {"name": "cities_over", "description": "filter", "parameters": {
+            "type": "object", "properties": {"threshold": {"type": "integer"},
+                                             "names": {"type": "array", "items": {"type": "string"}}},
+            "required": ["threshold", "names"], "additionalProperties": False}}},
+        {"type": "function", "function": {"name": "sneaky", "description": "", "parameters": {
+            "type": "object", "properties": {}, "required": []}}},
+    ]
+    (env / "env.json").write_text(json.dumps({"tools": schemas}))
+    for p in [env, *env.iterdir()]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    return env
+
+
+def test_environment_tools_run_sandboxed(tmp_path):
+    need_sandbox()
+    env = _make_env(tmp_path)
+    with Toolbox(tmp_path / "s", tools=["python", "write_file"], env=env) as box:
+        names = [s["function"]["name"] for s in box.schemas()]
+        assert names == ["python", "write_file", "get_city", "cities_over", "sneaky"]
+        assert json.loads(box.call("get_city", '{"name": "Oslo"}').content) == {"name": "Oslo", "population": 700000}
+        assert json.loads(box.call("cities_over", {"threshold": 500000, "names": ["Oslo", "Bergen"]}).content) \
+            == ["Oslo"]
+        res = box.call("get_city", {"name": "Atlantis"})
+        assert not res.ok and res.content == "Error: ValueError: no city named 'Atlantis'"
+        assert box.call("cities_over", {"threshold": "big", "names": []}).content.startswith("Error: threshold")
+        res = box.call("sneaky", {})
+        assert not res.ok and "Network is unreachable" in res.content
+        # the model's own notebook sees neither the environment nor its database, and cannot shadow its tools
+        assert box.call("python", {"code": f"import os; os.path.exists({str(env)!r})"}).content == "False"
+        assert box.call("write_file", {"path": "tools.py", "content": "def get_city(name): return 'FAKE'"}).ok
+        assert box.call("python", {"code": "import tools; tools.get_city('x')"}).content == "'FAKE'"
+        assert "700000" in box.call("get_city", {"name": "Oslo"}).content
+        # a dead kernel is reloaded on the next call
+        box.env.session.close()
+        assert "290000" in box.call("get_city", {"name": "Bergen"}).content
+    with pytest.raises(ValueError, match="clash"):
+        Toolbox(tmp_path / "s2", tools=["python"], env=_clashing_env(tmp_path))
+
+
+def _clashing_env(root):
+    env = root / "clash"
+    env.mkdir()
+    (env / "tools.py").write_text("def python(code: str) -> str:\n    return code\n")
+    (env / "env.json").write_text(json.dumps({"tools": [{"type": "function", "function": {
+        "name": "python", "description": "", "parameters": {"type": "object", "properties": {}}}}]}))
+    return env

@@ -11,7 +11,8 @@ Tools (OpenAI-style function schemas in `Toolbox.schemas()`):
 - `bash`: one sandboxed `bash -c` per call, cwd the scratch dir;
 - `read_file` / `write_file`: host-side, confined to the scratch dir (no `..`, no symlinks, regular files);
 - `search`: BM25 over a local corpus (only offered when the toolbox has one);
-- `calculator`: arithmetic evaluated from the `ast`, never `eval`.
+- `calculator`: arithmetic evaluated from the `ast`, never `eval`;
+- a synthesized environment's own tools (`env=`), each call run in the environment's sandboxed kernel.
 """
 
 from __future__ import annotations
@@ -87,11 +88,40 @@ SCHEMAS: dict[str, dict] = {s["function"]["name"]: s for s in [
         {"expression": {"type": "string", "description": "e.g. (3 + 4) * 2 ** 10 / sqrt(2)"}}, ["expression"]),
 ]}
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict,
-               "array": list}
+               "array": list, "null": type(None)}
+
+
+def schema_error(value: Any, schema: dict, where: str = "arguments") -> str | None:
+    """Why `value` does not match a JSON schema (the subset tool schemas use: type, enum, items, properties,
+    required, additionalProperties), or None. Booleans are not numbers, as in JSON Schema."""
+    want = schema.get("type")
+    if want is not None:
+        kinds = want if isinstance(want, list) else [want]
+        if not any(k in _JSON_TYPES and isinstance(value, _JSON_TYPES[k])
+                   and not (k in ("integer", "number") and isinstance(value, bool)) for k in kinds):
+            return f"{where} must be of type {' or '.join(kinds)}, got {type(value).__name__}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{where} must be one of {schema['enum']}, got {value!r}"
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(value):
+            if err := schema_error(v, schema["items"], f"{where}[{i}]"):
+                return err
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        missing = [k for k in schema.get("required", []) if k not in value]
+        if missing:
+            return f"{where}: missing required {', '.join(map(repr, missing))}"
+        unknown = [k for k in value if k not in props]
+        if unknown and schema.get("additionalProperties") is False:
+            return f"{where}: unknown {', '.join(map(repr, unknown))}; expected {', '.join(props) or 'none'}"
+        for k, v in value.items():
+            if k in props and (err := schema_error(v, props[k], f"{where}.{k}" if where != "arguments" else k)):
+                return err
+    return None
 
 
 def check_arguments(schema: dict, arguments: str | dict | None) -> dict:
-    """Parse and validate arguments against a function schema's flat `parameters` (the subset tools use)."""
+    """Parse a tool call's arguments (JSON text or a dict) and validate them against its function schema."""
     if arguments is None or arguments == "":
         arguments = {}
     if isinstance(arguments, str):
@@ -101,20 +131,8 @@ def check_arguments(schema: dict, arguments: str | dict | None) -> dict:
             raise ToolError(f"arguments are not valid JSON ({e})") from None
     if not isinstance(arguments, dict):
         raise ToolError(f"arguments must be a JSON object, got {type(arguments).__name__}")
-    params = schema["function"]["parameters"]
-    props = params.get("properties", {})
-    missing = [k for k in params.get("required", []) if k not in arguments]
-    if missing:
-        raise ToolError(f"missing required argument(s): {', '.join(missing)}")
-    unknown = [k for k in arguments if k not in props]
-    if unknown and params.get("additionalProperties") is False:
-        raise ToolError(f"unknown argument(s): {', '.join(unknown)}; expected: {', '.join(props)}")
-    for key, value in arguments.items():
-        want = props.get(key, {}).get("type")
-        ok = want is None or (isinstance(value, _JSON_TYPES[want])
-                              and not (want in ("integer", "number") and isinstance(value, bool)))
-        if not ok:
-            raise ToolError(f"argument {key!r} must be of type {want}, got {type(value).__name__}")
+    if err := schema_error(arguments, schema["function"]["parameters"]):
+        raise ToolError(err)
     return arguments
 
 
@@ -243,6 +261,55 @@ def open_in_scratch(scratch: Path, path: str, flags: int, *, make_dirs: bool = F
         os.close(dfd)
 
 
+# ------------------------------------------------------------------------------------ an environment's tools
+
+
+class EnvironmentTools:
+    """A synthesized environment's tool functions (`tools.py` beside its `db.sqlite`, paper §3.3). They are
+    untrusted code, so they run in a sandboxed kernel of their own with the environment dir mounted read-only
+    and a private scratch dir; the model's python cells never share it (they cannot patch the tools, shadow
+    their imports, or read the database behind them). Results come back as JSON text."""
+
+    def __init__(self, env_dir: Path, schemas: Sequence[dict] | None = None, *, timeout: float = 30.0,
+                 memory_mb: int = 1024, max_procs: int = 16, unsafe: bool = False):
+        self.env_dir = Path(env_dir).resolve()
+        if schemas is None:
+            schemas = json.loads((self.env_dir / "env.json").read_text(encoding="utf-8"))["tools"]
+        self.schemas = {s["function"]["name"]: s for s in schemas}
+        bad = [n for n in self.schemas if not n.isidentifier() or n.startswith("_")]
+        if bad:
+            raise ValueError(f"{self.env_dir}: tool names must be public Python identifiers, got {bad}")
+        self._scratch = Path(tempfile.mkdtemp(prefix="dsv32-envtools-"))
+        self.session = NotebookSession(self._scratch, ro_paths=[self.env_dir], timeout=timeout,
+                                       memory_mb=memory_mb, max_procs=max_procs, unsafe=unsafe)
+
+    def call(self, name: str, args: dict) -> ToolResult:
+        if name not in self.schemas:
+            raise ToolError(f"unknown environment tool {name!r}")
+        if not self.session.alive:               # first call, or the kernel died: (re)load the module
+            boot = (f"import json as _json, sys as _sys\n_sys.path.insert(0, {str(self.env_dir)!r})\n"
+                    "import tools as _env_tools")
+            r = self.session.execute(boot)
+            if not r.ok:
+                raise ToolError(f"the environment's tools failed to load: {_last_line(r.error)}")
+        call = (f"print(_json.dumps(_env_tools.{name}(**_json.loads({json.dumps(args)!r})), "
+                "ensure_ascii=False, default=str))")
+        r = self.session.execute(call)
+        if not r.ok:
+            raise ToolError(_last_line(r.error))
+        return ToolResult(True, r.output.strip())
+
+    def close(self) -> None:
+        self.session.close()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _last_line(text: str | None) -> str:
+    """The exception line of a traceback (what the model needs; the tool's internals are not its business)."""
+    lines = [ln for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown failure"
+
+
 # ------------------------------------------------------------------------------------------------ the toolbox
 
 
@@ -258,11 +325,20 @@ class Toolbox:
                  corpus: Sequence[tuple[str, str]] | BM25 | None = None, ro_paths: Sequence[Path] = (),
                  python_timeout: float = 120.0, shell_timeout: float = 120.0, memory_mb: int = 2048,
                  max_procs: int = 64, max_file_mb: int = 64, max_python_calls: int = MAX_PYTHON_CALLS,
-                 unsafe: bool = False):
+                 env: EnvironmentTools | Path | None = None, unsafe: bool = False):
         names = list(tools) if tools is not None else [n for n in SCHEMAS if n != "search" or corpus is not None]
         unknown = [n for n in names if n not in SCHEMAS]
         if unknown:
             raise ValueError(f"unknown tool(s) {unknown}; known: {', '.join(SCHEMAS)}")
+        if env is not None and not isinstance(env, EnvironmentTools):
+            if not unsafe:
+                require_sandbox()
+            env = EnvironmentTools(Path(env), unsafe=unsafe)
+        self.env = env
+        clash = [n for n in (env.schemas if env is not None else {}) if n in names]
+        if clash:
+            env.close()
+            raise ValueError(f"environment tool(s) {clash} clash with built-in tools; leave those out via tools=")
         if "search" in names and corpus is None:
             raise ValueError("the search tool needs a corpus (list of (title, text) or a BM25 index)")
         if not unsafe and any(n in self.CODE_TOOLS for n in names):
@@ -288,7 +364,8 @@ class Toolbox:
             "write_file": self._write_file, "search": self._search, "calculator": self._calculator}
 
     def schemas(self) -> list[dict]:
-        return [SCHEMAS[n] for n in self.names]
+        """The built-in tools' schemas, then the environment's."""
+        return [SCHEMAS[n] for n in self.names] + (list(self.env.schemas.values()) if self.env is not None else [])
 
     def new_thinking_span(self) -> None:
         """The agent loop calls this when a thinking span ends (a final answer, or a new user message)."""
@@ -296,9 +373,14 @@ class Toolbox:
 
     def call(self, name: str, arguments: str | dict | None) -> ToolResult:
         """Run one tool call; every failure is an `ok=False` result for the model, never an exception."""
-        if name not in self.names:
-            return ToolResult(False, f"Error: unknown tool {name!r}; available: {', '.join(self.names)}")
+        env_tools = self.env.schemas if self.env is not None else {}
+        if name not in self.names and name not in env_tools:
+            available = ", ".join([*self.names, *env_tools])
+            return ToolResult(False, f"Error: unknown tool {name!r}; available: {available}")
         try:
+            if name in env_tools:
+                assert self.env is not None
+                return self.env.call(name, check_arguments(env_tools[name], arguments))
             args = check_arguments(SCHEMAS[name], arguments)
             return self._dispatch[name](args)
         except ToolError as e:
@@ -381,6 +463,8 @@ class Toolbox:
     def close(self) -> None:
         """Stop the notebook kernel (and with it every process of the trajectory); drop an owned scratch dir."""
         self.notebook.close()
+        if self.env is not None:
+            self.env.close()
         if self._own_scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
