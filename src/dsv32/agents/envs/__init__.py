@@ -4,6 +4,7 @@ verifier> tuples generated offline from a seed. `CATEGORIES` maps each category'
 
 from dsv32.agents.envs.base import Category
 from dsv32.agents.envs.catalog import Inventory, Library, Products, RealEstate, Recipes, Weather
+from dsv32.agents.envs.logistics import Courses, FileSystem, Parcels, Sports, Warehouse
 from dsv32.agents.envs.office import Bank, Budget, Calendar, Gradebook, Roster
 from dsv32.agents.envs.travel import Flights, Museums, Trains
 from dsv32.agents.envs.trip import Trip
@@ -12,4 +13,5 @@ CATEGORIES: dict[str, Category] = {c.name: c for c in [
     Trip(), Flights(), Trains(), Museums(),
     Calendar(), Roster(), Bank(), Budget(), Gradebook(),
     Inventory(), Library(), Products(), Recipes(), Weather(), RealEstate(),
+    Warehouse(), Parcels(), FileSystem(), Courses(), Sports(),
 ]}

@@ -512,7 +512,7 @@ class RealEstate(Category):
     def build(self, rng: random.Random) -> dict[str, list[dict]]:
         districts = [f"{c} {rng.choice(['Centre', 'Heights', 'Park', 'Docks'])}" for c in rng.sample(CITIES, 4)]
         streets = ["Street", "Lane", "Road"]
-        names = unique(rng, 32, lambda r: f"{r.randint(1, 199)} {r.choice(NOUN)} {r.choice(streets)}")
+        names = unique(rng, 48, lambda r: f"{r.randint(1, 199)} {r.choice(NOUN)} {r.choice(streets)}")
         rows = []
         for i, n in enumerate(names):
             area = float(rng.randint(35, 220))
