@@ -200,6 +200,21 @@ def test_ten_gigabytes_refused(tmp_path):
     assert run_python("print(1)", scratch=tmp_path).ok
 
 
+def test_forked_allocations_hit_the_sandbox_memory_watchdog(tmp_path):
+    # each process stays under its own RLIMIT_AS (256 MB); together they pass the sandbox's 512 MB
+    code = ("import os, time\nfor i in range(6):\n    if os.fork() == 0:\n        b = bytearray(150 << 20)\n"
+            "        time.sleep(30)\n        os._exit(0)\ntime.sleep(30)\n")
+    t0 = time.monotonic()
+    r = run_python(code, scratch=tmp_path, memory_mb=256, timeout=60)
+    assert r.returncode is None and not r.timed_out and "together used" in (r.error or ""), r
+    assert time.monotonic() - t0 < 30
+    with NotebookSession(tmp_path, memory_mb=256) as nb:
+        assert nb.execute("keep = 1").ok
+        r = nb.execute(code)
+        assert not r.ok and r.restarted and "together used" in (r.error or ""), r
+        assert nb.execute("1 + 1").result == "2"
+
+
 def test_endless_loop_times_out(tmp_path):
     t0 = time.monotonic()
     r = run_python("while True:\n    pass", scratch=tmp_path, timeout=2)

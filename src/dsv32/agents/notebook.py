@@ -102,6 +102,8 @@ class NotebookSession:
     def _death_note(self) -> str:
         if self.box is None:
             return "not started"
+        if self.box.reason:
+            return self.box.reason
         rc = self.box.proc.poll()
         err = self._stderr.text().strip()[-1000:] if self._stderr is not None else ""
         why = diagnose(None if rc is None or rc < 0 else rc, err, False, self.limits)
@@ -122,10 +124,11 @@ class NotebookSession:
         try:
             self.box.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.box.proc.stdin.flush()
-            reply = self._reply(limit + self.grace)
-            # a cell may write JSON into the reply pipe itself: only the kernel's reply to this request counts
-            while isinstance(reply, dict) and reply.get("seq") != self.cells:
-                reply = self._reply(max(0.0, deadline - time.monotonic()))
+            with self.box.watch():                 # strays are reaped after each cell: idle needs no watching
+                reply = self._reply(limit + self.grace)
+                # a cell may write JSON into the reply pipe itself: only the kernel's reply to this one counts
+                while isinstance(reply, dict) and reply.get("seq") != self.cells:
+                    reply = self._reply(max(0.0, deadline - time.monotonic()))
         except (OSError, ValueError):
             reply = "eof"
         seconds = time.perf_counter() - t0

@@ -22,6 +22,7 @@ only the rlimits and the timeout apply).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import resource
@@ -68,15 +69,20 @@ class ExecResult:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-sandbox resource limits. `cpu_s` defaults to the wall-clock timeout (+1 s)."""
+    """Per-sandbox resource limits. `cpu_s` defaults to the wall-clock timeout (+1 s); `total_memory_mb`
+    (all the sandbox's processes together, resident, watched by the host) to twice `memory_mb`."""
     timeout: float = 120.0
     memory_mb: int = 1024       # RLIMIT_AS of every process
     max_procs: int = 64         # processes + threads of the sandbox's uid
     max_file_mb: int = 64       # RLIMIT_FSIZE: largest file a process may write
     cpu_s: int | None = None
+    total_memory_mb: int | None = None
 
     def cpu_seconds(self) -> int:
         return self.cpu_s if self.cpu_s is not None else int(self.timeout) + 1
+
+    def total_memory(self) -> int:
+        return (self.total_memory_mb if self.total_memory_mb is not None else 2 * self.memory_mb) << 20
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,12 +253,60 @@ def hand_over(path: Path, uid: int | None) -> None:
 # spawning and collecting
 
 
+def tree_memory(root: int) -> int:
+    """Bytes of memory the process tree under `root` uses: the sum of proportional set sizes (PSS, so pages a
+    fork shares are counted once), from /proc; processes that vanish mid-walk count as 0."""
+    total, stack, seen = 0, [root], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) << 10
+                        break
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 @dataclass
 class Sandboxed:
-    """A started sandboxed process; `kill()` takes the whole sandbox down."""
+    """A started sandboxed process; `kill()` takes the whole sandbox down. `watch()` runs the host's memory
+    watchdog: RLIMIT_AS bounds each process, but `max_procs` processes could each fill theirs, so the host
+    also sums the tree's memory every `period` seconds and kills the sandbox past `limits.total_memory()`."""
     proc: subprocess.Popen
     uid: int | None
+    limits: Limits = field(default_factory=Limits)
+    reason: str | None = None           # why the host killed it (memory watchdog), if it did
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def watch(self, period: float = 0.05):
+        stop = threading.Event()
+        limit = self.limits.total_memory()
+
+        def run() -> None:
+            while not stop.wait(period):
+                used = tree_memory(self.proc.pid)
+                if used > limit:
+                    self.reason = (f"memory limit: the sandbox's processes together used {used >> 20} MB, "
+                                   f"over {limit >> 20} MB")
+                    self.kill()
+                    return
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -300,7 +354,7 @@ def spawn(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path] = (), 
                  stderr=subprocess.PIPE, start_new_session=True, close_fds=True, env=env)
     if unsafe:
         proc = subprocess.Popen(list(argv), cwd=scratch, preexec_fn=_unsafe_preexec(limits), **pipes)
-        return Sandboxed(proc, None)
+        return Sandboxed(proc, None, limits)
     if not _probe:
         require_sandbox()
     if os.geteuid() != 0:
@@ -310,7 +364,7 @@ def spawn(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path] = (), 
         hand_over(scratch, uid)
     cmd = _bwrap_argv(argv, scratch=scratch, ro_paths=[Path(p) for p in ro_paths], limits=limits, uid=uid,
                       code_files=code_files or {}, python=python)
-    return Sandboxed(subprocess.Popen(cmd, **pipes), uid)
+    return Sandboxed(subprocess.Popen(cmd, **pipes), uid, limits)
 
 
 class CappedReader(threading.Thread):
@@ -392,15 +446,17 @@ def communicate(box: Sandboxed, stdin: str | None, limits: Limits, output_cap: i
             except (OSError, ValueError):
                 pass
         threading.Thread(target=feed, daemon=True).start()
-    timed_out = not _wait(proc, limits.timeout)
+    with box.watch():
+        timed_out = not _wait(proc, limits.timeout)
     box.kill()
     out.join(5)
     err.join(5)
     box.close()
     seconds = time.perf_counter() - t0
-    rc = None if timed_out or proc.returncode < 0 else proc.returncode
+    rc = None if timed_out or box.reason or proc.returncode < 0 else proc.returncode
     stderr = err.text()
-    return ExecResult(rc, out.text(), stderr, timed_out, diagnose(rc, stderr, timed_out, limits), seconds)
+    return ExecResult(rc, out.text(), stderr, timed_out, box.reason or diagnose(rc, stderr, timed_out, limits),
+                      seconds)
 
 
 def run_command(argv: Sequence[str], *, scratch: Path, ro_paths: Sequence[Path] = (), timeout: float = 120.0,
