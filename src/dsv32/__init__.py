@@ -1,6 +1,6 @@
 """dsv32: DeepSeek-V3.2 (MLA + DeepSeekMoE + MTP + DeepSeek Sparse Attention) in PyTorch.
 
-Public surface (design.md): ``load_model``, ``save_model``, ``ModelConfig``, ``load_tokenizer``, ``Transformer``.
+Public surface (docs/design.md): ``load_model``, ``save_model``, ``ModelConfig``, ``load_tokenizer``, ``Transformer``.
 Heavy submodules are imported lazily so ``import dsv32`` stays light.
 """
 

@@ -1,7 +1,7 @@
 """Checkpoints in DeepSeek's HF format: safetensors (one file or shards + index), HF names, FP8 blocks.
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards named by
-``model.safetensors.index.json`` (architecture.md §6). On disk the names are HF's: ``model.`` + ours for the
+``model.safetensors.index.json`` (DeepSeek's release layout). On disk the names are HF's: ``model.`` + ours for the
 embedding, layers and final norm; ``lm_head.weight`` as is; MTP module j lives at decoder index
 ``num_hidden_layers + j`` together with copies of the shared embedding and head; routed experts are one 2-D
 tensor per expert (we keep them stacked as 3-D parameters).
@@ -57,7 +57,7 @@ __all__ = [
 
 FP8_DTYPE = torch.float8_e4m3fn
 BLOCK = 128
-# What DeepSeek-V3.1/V3.2 write into config.json (architecture.md §1.2).
+# What DeepSeek-V3.1/V3.2 write into config.json (their released checkpoints).
 FP8_QUANTIZATION_CONFIG: dict[str, Any] = {
     "quant_method": "fp8",
     "fmt": "e4m3",
@@ -82,7 +82,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _STACKED_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-# Linear weights DeepSeek stores in FP8 (architecture.md §6.1); matched against on-disk names.
+# Linear weights DeepSeek stores in FP8 (V3 report §3.3; 128x128 blocks); matched against on-disk names.
 _FP8_WEIGHT = re.compile(
     r"(?:\.self_attn\.(?:q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|indexer\.wq_b|indexer\.wk)"
     r"|\.mlp\.(?:experts\.\d+\.|shared_experts\.)?(?:gate_proj|up_proj|down_proj))\.weight$"

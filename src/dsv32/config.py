@@ -127,7 +127,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """MLA softmax scale: qk_head_dim^-0.5, times mscale^2 under YaRN (architecture.md §2.3)."""
+        """MLA softmax scale: qk_head_dim^-0.5, times mscale^2 under YaRN (DeepSeek's reference code)."""
         scale = self.qk_head_dim**-0.5
         y = self.yarn
         if y is not None:
@@ -336,7 +336,7 @@ def _small() -> ModelConfig:
 
 
 def _deepseek_v32() -> ModelConfig:
-    """The released 671B model, field for field (architecture.md §1.2)."""
+    """The released 671B model, field for field (DeepSeek-V3.2's released ``config.json``)."""
     return ModelConfig(
         quantization_config={
             "quant_method": "fp8",

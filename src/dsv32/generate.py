@@ -1,4 +1,4 @@
-"""`dsv32 generate`: stream a completion from any model following the model protocol (design.md).
+"""`dsv32 generate`: stream a completion from any model following the model protocol (docs/design.md).
 
 Prefill once into the model's cache, then decode one token at a time; text is streamed as soon as the
 decoded bytes form complete characters.

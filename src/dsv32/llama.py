@@ -2,7 +2,7 @@
 
 The model is HF's ``LlamaForCausalLM`` written out plainly (RMSNorm, rotate-half RoPE, grouped-query attention,
 SwiGLU, optionally tied embeddings) plus one DeepSeek-style lightning indexer per layer, so that a dense
-pretrained model can be turned into a DSA model by training only the indexers (training-recipe.md §1.1) and
+pretrained model can be turned into a DSA model by training only the indexers (V3.2 paper §2.1.1, dense warm-up) and
 then running attention over each query's top-k keys (§1.2).
 
 Layout decisions (docs/llama.md):
@@ -432,7 +432,7 @@ class LlamaCache(RowCache):
 
 
 class LlamaModel(nn.Module):
-    """Llama-family decoder with a DSA indexer per layer, following the model protocol (design.md).
+    """Llama-family decoder with a DSA indexer per layer, following the model protocol (docs/design.md).
 
     ``model(input_ids) -> logits [B,S,V]``; ``model.forward(input_ids, cache=..., positions=..., last_only=...,
     **extras)``; ``model.new_cache(batch_size, max_len)``. Attention is dense SDPA until some query sees more
@@ -478,7 +478,7 @@ class LlamaModel(nn.Module):
                 p.fill_(1.0)
 
     def reset_indexer(self, seed: int | None = 0) -> None:
-        """Fresh random indexers (every layer), e.g. before the dense warm-up of training-recipe.md §1.1."""
+        """Fresh random indexers (every layer), e.g. before the dense warm-up (V3.2 paper §2.1.1)."""
         self.reset_parameters(seed, only=".indexer.")
 
     @property

@@ -3,7 +3,7 @@
 
 Paper map: V3.2 = V3.1-Terminus (DeepSeek-V3 architecture: MLA §2.1.1, DeepSeekMoE §2.1.2, MTP §2.2 of the V3
 report) + DeepSeek Sparse Attention (V3.2 paper §2.1: a lightning indexer scores earlier tokens, each query
-attends to its top-k). Exact math and constants: ``shared/reference/architecture.md``.
+attends to its top-k). Exact math, constants and decisions: ``docs/design.md``.
 
 Shape legend:
     B batch, S new tokens (queries), T context tokens (keys), D hidden_size, V vocab,
@@ -77,7 +77,7 @@ def yarn_correction_range(cfg: ModelConfig) -> tuple[float, float]:
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies [R/2] with DeepSeek's YaRN blend (architecture.md §2.2).
+    """Per-pair rotation frequencies [R/2] with DeepSeek's YaRN blend (V3 report §2.1.1; DeepSeek's reference code).
 
     Frequencies of pairs below ``low`` are kept, those above ``high`` are divided by ``factor``, and the ones
     in between are blended linearly. mscale is not applied here: it goes into the softmax scale only.
@@ -586,7 +586,7 @@ class ForwardOutput:
 class Transformer(nn.Module):
     """DeepSeek-V3.2: embeddings, ``num_hidden_layers`` blocks, final norm, LM head, optional MTP modules.
 
-    Model protocol (design.md): ``model(input_ids) -> logits [B,S,V]``; ``model.forward(input_ids, cache=...,
+    Model protocol (docs/design.md): ``model(input_ids) -> logits [B,S,V]``; ``model.forward(input_ids, cache=...,
     positions=..., last_only=..., **extras)``; ``model.new_cache(batch_size, max_len)``.
     """
 

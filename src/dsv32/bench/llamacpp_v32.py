@@ -78,7 +78,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def b16_config(**changes: Any) -> ModelConfig:
-    """A tiny V3.2 config that llama.cpp's converter and CPU kernels accept (anchors-and-peers.md B1.6): 2 layers,
+    """A tiny V3.2 config that llama.cpp's converter and CPU kernels accept (docs/benchmarks.md): 2 layers,
     hidden 128, kv_lora 512 + rope 64, indexer 4 x 64 (llama.cpp's Hadamard needs a power of two >= 64), top-64,
     the deepseek-llm vocab (102,400). ``changes`` override fields."""
     base = ModelConfig.from_name("tiny").replace(

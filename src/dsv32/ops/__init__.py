@@ -1,4 +1,4 @@
-"""DSA hot paths behind one interface (design.md "DSA ops").
+"""DSA hot paths behind one interface (docs/design.md, "DSA ops").
 
 ``indexer_topk``, ``sparse_mla``, ``sparse_gqa`` and ``dense_mla`` dispatch to the fastest implementation
 available for the tensors' device: Triton kernels on CUDA (``triton.py``), the chunked torch path on CPU
