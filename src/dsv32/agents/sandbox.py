@@ -253,6 +253,24 @@ def hand_over(path: Path, uid: int | None) -> None:
 # spawning and collecting
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes (resident size where the kernel predates smaps_rollup, Linux 4.14)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) << 10
+        return 0
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+
+
 def tree_memory(root: int) -> int:
     """Bytes of memory the process tree under `root` uses: the sum of proportional set sizes (PSS, so pages a
     fork shares are counted once), from /proc; processes that vanish mid-walk count as 0."""
@@ -263,11 +281,7 @@ def tree_memory(root: int) -> int:
             continue
         seen.add(pid)
         try:
-            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Pss:"):
-                        total += int(line.split()[1]) << 10
-                        break
+            total += _pss(pid)
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/children") as f:
                     stack.extend(int(c) for c in f.read().split())
