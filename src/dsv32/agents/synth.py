@@ -59,10 +59,12 @@ class Validation:
     dropped: list[tuple[str, str]] = field(default_factory=list)      # (task id, why)
     random_ok: list[bool] = field(default_factory=list)                # one per random episode of a kept task
     empty_ok: list[bool] = field(default_factory=list)                 # one per empty answer of a kept task
+    solution_ok: int = 0                                               # tasks whose solution passed (of all)
     seconds: float = 0.0
 
 
-def validate(env: Environment, *, random_tries: int = 5, seed: int = 0, unsafe: bool = False) -> Validation:
+def validate(env: Environment, *, random_tries: int = 5, seed: int = 0, job_timeout: float = 20.0,
+             unsafe: bool = False) -> Validation:
     """Run solution -> verifier (and the reference, empty answers, the random policy) for every task of `env`
     in the sandbox; rewrite its tasks.jsonl with the kept tasks (open tasks get the solution's answer)."""
     t0 = time.perf_counter()
@@ -70,8 +72,9 @@ def validate(env: Environment, *, random_tries: int = 5, seed: int = 0, unsafe: 
              "reference": t["answer"], "prompt": t["prompt"], "answer_schema": t["answer_schema"],
              "random": random_tries, "seed": seed} for t in env.tasks]
     v = Validation(env)
-    for task, out in zip(env.tasks, run_jobs(env.path, jobs, unsafe=unsafe)):
+    for task, out in zip(env.tasks, run_jobs(env.path, jobs, job_timeout=job_timeout, unsafe=unsafe)):
         why = out.get("fatal") or out.get("error")
+        v.solution_ok += bool(out.get("solution_ok"))
         if not why and not out.get("solution_ok"):
             why = f"solution's answer fails its verifier: {out.get('solution_reason')}"
         if not why and task["answer"] is not None and not out.get("reference_ok"):
@@ -101,7 +104,8 @@ def parse_levels(text: str) -> list[int]:
 
 
 def synthesize(out: Path, categories: Sequence[str], seeds: Sequence[int], levels: Sequence[int], *,
-               per_level: int = 2, random_tries: int = 5, unsafe: bool = False, log=print) -> dict:
+               per_level: int = 2, random_tries: int = 5, job_timeout: float = 20.0, unsafe: bool = False,
+               log=print) -> dict:
     """Generate and validate every (category, seed) environment; returns the summary `dsv32 synth` prints."""
     per_cat: dict[str, Counter] = defaultdict(Counter)
     dropped: list[tuple[str, str]] = []
@@ -111,11 +115,12 @@ def synthesize(out: Path, categories: Sequence[str], seeds: Sequence[int], level
         cat = CATEGORIES[name]
         for seed in seeds:
             v = validate(generate(cat, seed, out, levels, per_level), random_tries=random_tries, seed=seed,
-                         unsafe=unsafe)
+                         job_timeout=job_timeout, unsafe=unsafe)
             c = per_cat[name]
             c["envs"] += 1
             c["generated"] += len(v.kept) + len(v.dropped)
             c["kept"] += len(v.kept)
+            c["solution_pass"] += v.solution_ok
             c["random_pass"] += sum(v.random_ok)
             c["random_runs"] += len(v.random_ok)
             c["empty_pass"] += sum(v.empty_ok)
@@ -130,7 +135,9 @@ def synthesize(out: Path, categories: Sequence[str], seeds: Sequence[int], level
     tot = sum(per_cat.values(), Counter())
     summary = {
         "categories": len(per_cat), "environments": tot["envs"], "tasks_generated": tot["generated"],
-        "tasks_kept": tot["kept"], "reference_pass_rate": 1.0 if tot["kept"] else 0.0,
+        "tasks_kept": tot["kept"],
+        # of all generated tasks: the solution's answer passed the verifier (kept tasks pass by construction)
+        "solution_pass_rate": tot["solution_pass"] / max(1, tot["generated"]),
         "dropped": [{"id": i, "why": w} for i, w in dropped],
         "random_policy_pass_rate": tot["random_pass"] / max(1, tot["random_runs"]),
         "random_policy_runs": tot["random_runs"],
@@ -152,6 +159,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--difficulty", default="1..3", help="levels, e.g. 1..3, 2, 1,3 (default 1..3)")
     ap.add_argument("--per-level", type=int, default=2, help="tasks per difficulty level per environment")
     ap.add_argument("--random", type=int, default=5, help="random-policy episodes per task (0: none)")
+    ap.add_argument("--task-timeout", type=float, default=20.0,
+                    help="seconds one task's validation may take inside the sandbox (default 20)")
     ap.add_argument("--json", type=Path, help="write the summary (and dropped tasks) here")
     ap.add_argument("--unsafe", action="store_true",
                     help="run tools/solutions/verifiers WITHOUT the sandbox (only if you trust the code)")
@@ -163,9 +172,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         return 2
     levels = parse_levels(args.difficulty)
     s = synthesize(args.out, cats, range(args.seed_start, args.seed_start + args.seeds), levels,
-                   per_level=args.per_level, random_tries=args.random, unsafe=args.unsafe)
+                   per_level=args.per_level, random_tries=args.random, job_timeout=args.task_timeout,
+                   unsafe=args.unsafe)
     print(f"{s['tasks_kept']} verified tasks in {s['environments']} environments, {s['categories']} categories "
-          f"({s['tasks_generated'] - s['tasks_kept']} dropped); by level {s['by_level']}")
+          f"({s['tasks_generated'] - s['tasks_kept']} dropped); by level {s['by_level']}; reference solutions pass "
+          f"{s['solution_pass_rate']:.2%} of the {s['tasks_generated']} generated")
     print(f"random policy passes {s['random_policy_pass_rate']:.2%} of {s['random_policy_runs']} episodes; "
           f"empty answers pass {s['empty_answer_pass_rate']:.2%}; {s['seconds']:.1f} s")
     for d in s["dropped"][:20]:

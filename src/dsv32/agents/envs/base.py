@@ -101,7 +101,7 @@ def exact_task(prompt: str, solution: str, expected: Any, kind: str, level: int,
                tol: float = 0.01) -> Task:
     schema = {"text": S_TEXT, "number": S_NUM, "set": S_TEXTS, "list": S_TEXTS}[kind]
     if kind == "number" and isinstance(expected, int):
-        schema = S_INT
+        schema, tol = S_INT, 0.0            # counts and integer totals: exact
     return Task(prompt, solution, exact_verifier(expected, kind, tol), schema, level, expected, name)
 
 

@@ -37,9 +37,9 @@ def as_number(value) -> float | None:
 
 
 def same_number(answer, expected: float, tol: float = 0.01) -> bool:
-    """Within `tol` of `expected` (plus a relative 1e-6 for float round-off on large values)."""
+    """Within `tol` of `expected` (plus a relative 1e-9 for float round-off on large values)."""
     got = as_number(answer)
-    return got is not None and abs(got - expected) <= tol + 1e-6 * abs(expected)
+    return got is not None and abs(got - expected) <= tol + 1e-9 * abs(expected)
 
 
 def same_text(answer, expected: str) -> bool:
