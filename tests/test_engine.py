@@ -303,3 +303,174 @@ def test_seed_range_and_a_request_failing_at_admission(model, monkeypatch):
     finally:
         monkeypatch.setattr(torch, "Generator", real)
         eng.shutdown()
+
+
+# ------------------------------------------------------------------------------ prompt log-probabilities
+
+
+def test_prompt_logprobs_equal_a_full_forward(model):
+    """Prefill-only scoring (max_tokens=0) in chunks of 5 positions, the head applied 3 positions at a time:
+    every prompt token's log-probability, rank and top alternatives equal a full forward's log_softmax; a
+    cached copy of the prompt is not reused (its positions' logits are needed)."""
+    p = prompts(1, seed=12)[0] + prompts(1, seed=13)[0]
+    vocab = model.config.vocab_size
+    eng = Engine(model, max_slots=3, max_len=96, prefill_chunk=5, logprob_block_bytes=3 * 4 * vocab)
+    try:
+        eng.generate(p, GREEDY)  # leaves the prompt in a slot
+        h1 = eng.submit(p, SamplingParams(max_tokens=0, prompt_logprobs=4))
+        h2 = eng.submit(p[:-1], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0, n=2))
+        r1, r2 = h1.result(), h2.result()
+    finally:
+        eng.shutdown()
+    with torch.no_grad():
+        ref = model.forward(torch.tensor([p])).log_softmax(-1)[0]  # [S, V]
+    want = ref[:-1].gather(-1, torch.tensor(p[1:])[:, None])[:, 0]
+    plp = r1.prompt_logprobs
+    assert r1.cached_tokens == 0 and r1.sequences[0].tokens == [] and r1.sequences[0].finish_reason == "length"
+    assert plp.logprobs[0] is None and plp.ranks[0] is None and plp.top[0] is None
+    assert len(plp.logprobs) == len(p)
+    assert torch.allclose(torch.tensor(plp.logprobs[1:]), want, atol=1e-5, rtol=0)
+    assert plp.ranks[1:] == ((ref[:-1] > want[:, None]).sum(-1) + 1).tolist()
+    vals, ids = ref[:-1].topk(4, dim=-1)
+    for t in range(1, len(p)):
+        assert [i for i, _ in plp.top[t]] == ids[t - 1].tolist()
+        assert torch.allclose(torch.tensor([v for _, v in plp.top[t]]), vals[t - 1], atol=1e-5, rtol=0)
+    # with generation and n=2: the prompt scored once, both sequences generate greedily
+    assert r2.prompt_logprobs.logprobs[1:] == pytest.approx(plp.logprobs[1 : len(p) - 1], abs=1e-5)
+    assert r2.prompt_logprobs.top[1:] == [[]] * (len(p) - 2)
+    alone = list(generate_ids(model, p[:-1], max_new_tokens=3, temperature=0))
+    assert [s.tokens for s in r2.sequences] == [alone, alone]
+
+
+def test_prompt_logprobs_batched_and_context_limit(model):
+    """Equal-length prompts scored in one prefill forward give what each gives alone; a prefill-only request
+    may fill the whole slot (nothing is generated), one that generates may not."""
+    ps = [prompts(1, seed=20 + i)[0][:8] + [7] * (8 - len(prompts(1, seed=20 + i)[0][:8])) for i in range(3)]
+    eng = Engine(model, max_slots=4, max_len=16)
+    try:
+        hs = [eng.submit(p, SamplingParams(max_tokens=0, prompt_logprobs=1)) for p in ps]
+        batched = [h.result().prompt_logprobs.logprobs for h in hs]
+        alone = [eng.generate(p, SamplingParams(max_tokens=0, prompt_logprobs=1)).prompt_logprobs.logprobs for p in ps]
+        assert eng.generate(list(range(1, 17)), SamplingParams(max_tokens=0, prompt_logprobs=0)).prompt_tokens == 16
+        with pytest.raises(RequestTooLarge):
+            eng.submit(list(range(1, 17)), SamplingParams(max_tokens=1))
+    finally:
+        eng.shutdown()
+    for b, a in zip(batched, alone):
+        assert b[0] is None and b[1:] == pytest.approx(a[1:], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------- logits processing
+
+
+def _reference_greedy(model, prompt, n, *, bias=None, presence=0.0, frequency=0.0, repetition=1.0,
+                      min_tokens=0, stop=(), allow=None):
+    """Slow reference: a full forward per token and the processing written out token by token."""
+    out: list[int] = []
+    for _ in range(n):
+        with torch.no_grad():
+            x = model.forward(torch.tensor([prompt + out]))[0, -1].clone()
+        if allow is not None:
+            for t in range(x.shape[0]):
+                if not allow(t):
+                    x[t] = float("-inf")
+        if len(out) < min_tokens:
+            for t in stop:
+                x[t] = float("-inf")
+        for t, b in (bias or {}).items():
+            x[t] += b
+        for t in set(prompt + out):
+            if repetition != 1:
+                x[t] = x[t] / repetition if x[t] > 0 else x[t] * repetition
+        for t in set(out):
+            x[t] -= frequency * out.count(t) + presence
+        tok = int(x.argmax())
+        out.append(tok)
+        if tok in stop:
+            break
+    return out
+
+
+class EvenIds:
+    """A simple LogitsMask: only even ids (and it records what it was told)."""
+
+    def __init__(self) -> None:
+        self.accepted: list[int] = []
+
+    def fill_mask(self, allowed: torch.Tensor) -> None:
+        allowed[1::2] = False
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
+
+
+def test_logits_processing_matches_a_slow_reference(model):
+    """logit_bias, presence/frequency/repetition penalties, min_tokens and a logits mask, each in a request
+    of its own, all batched in the same steps as a plain request: each equals the token-by-token reference,
+    and the plain request equals its result alone (it is not touched)."""
+    p = prompts(1, seed=30)[0]
+    plain = list(generate_ids(model, p, max_new_tokens=10, temperature=0))
+    top = plain[0]
+    masks: list[EvenIds] = []
+
+    def even() -> EvenIds:
+        masks.append(EvenIds())
+        return masks[-1]
+
+    cases = [
+        (dict(logit_bias={top: -100.0}), dict(bias={top: -100.0})),
+        (dict(logit_bias={5: 100.0, 9: 3.5}), dict(bias={5: 100.0, 9: 3.5})),
+        (dict(logit_bias={5: 6.0}, presence_penalty=1.5, frequency_penalty=0.7),  # the bias makes 5 repeat
+         dict(bias={5: 6.0}, presence=1.5, frequency=0.7)),
+        (dict(frequency_penalty=-2.0), dict(frequency=-2.0)),
+        (dict(repetition_penalty=1.8), dict(repetition=1.8)),
+        (dict(min_tokens=4, stop_token_ids=(plain[1],)), dict(min_tokens=4, stop=(plain[1],))),
+        (dict(logits_mask=even), dict(allow=lambda t: t % 2 == 0)),
+    ]
+    eng = Engine(model, max_slots=len(cases) + 1, max_len=64)
+    try:
+        base = eng.submit(p, SamplingParams(max_tokens=10, temperature=0))
+        hs = [eng.submit(p, SamplingParams(max_tokens=10, temperature=0, **kw)) for kw, _ in cases]
+        got = [h.result().sequences[0].tokens for h in hs]
+        assert base.result().sequences[0].tokens == plain
+    finally:
+        eng.shutdown()
+    for (kw, ref_kw), toks in zip(cases, got):
+        want = _reference_greedy(model, p, 10, **ref_kw)
+        assert toks == want, kw
+    assert top not in got[0] and got[1] == [5] * 10
+    assert all(t != plain for t in got[2:])  # every case changed the output (none is a no-op)
+    assert all(t % 2 == 0 for t in got[-1]) and masks[0].accepted == got[-1]
+
+
+def test_processed_logits_reach_the_post_training_outputs(model):
+    """The sampled-distribution log-probability and the kept set come from the processed logits; the
+    OpenAI log-probability stays the model's own."""
+    p = prompts(1, seed=31)[0]
+    eng = Engine(model, max_slots=2, max_len=64)
+    try:
+        r = eng.generate(p, SamplingParams(max_tokens=1, temperature=0.7, seed=0, logprobs=True, return_allowed=True,
+                                           logit_bias={3: 2.0}, logits_mask=EvenIds))
+    finally:
+        eng.shutdown()
+    seq = r.sequences[0]
+    with torch.no_grad():
+        raw = model.forward(torch.tensor([p]))[0, -1]
+    x = raw.clone()
+    x[1::2] = float("-inf")
+    x[3] += 2.0
+    lp = truncated_logprobs(x[None], temperature=0.7)[0]
+    tok = seq.tokens[0]
+    assert tok % 2 == 0
+    assert seq.logprobs[0] == pytest.approx(float(lp[tok]), abs=1e-5)
+    assert seq.model_logprobs[0] == pytest.approx(float(raw.log_softmax(-1)[tok]), abs=1e-5)
+    assert torch.equal(seq.allowed[0], torch.arange(0, raw.shape[0], 2))
+
+
+def test_params_validation():
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={-1: 1.0})
+    assert SamplingParams(logit_bias={4: 1, 2: -1}).logit_bias == ((2, -1.0), (4, 1.0))
+    assert not SamplingParams().processes_logits and SamplingParams(min_tokens=1).processes_logits
