@@ -313,3 +313,94 @@ def test_triton_sparse_mla_matches_reference(tr):
     ref.sparse_mla(q2, kv2, idx, v_dim=32, scale=0.3)[0].sum().backward()
     torch.testing.assert_close(q1.grad.cpu(), q2.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(kv1.grad.cpu(), kv2.grad, rtol=1e-4, atol=1e-5)
+
+
+# ============================================================================================ 64-bit offsets
+
+BIG = 2**30 + 64  # a batch stride below 2^31, so Triton passes it as int32; batch 2 starts past 2^31 elements
+
+
+def _int8_batches(B: int, T: int, D: int, batch_stride: int, seed: int, fill: torch.Tensor | None = None):
+    """[B,T,D] int8 rows at ``batch_stride`` elements apart in one buffer of more than 2^31 one-byte elements.
+
+    Without ``fill`` the buffer comes from ``torch.empty``: the OS backs only the pages written (the B small
+    blocks), so the test costs a few KB of memory while every byte offset the kernels form is real."""
+    n = (B - 1) * batch_stride + T * D
+    assert n > 2**31
+    buf = torch.empty(n, dtype=torch.int8) if fill is None else fill
+    kv = buf.as_strided((B, T, D), (batch_stride, D, 1))
+    kv.copy_(torch.randint(-100, 100, (B, T, D), generator=torch.Generator().manual_seed(seed), dtype=torch.int8))
+    return kv
+
+
+def _check_kernels_past_2g(mod, kv: torch.Tensor, ik: torch.Tensor, T: int) -> None:
+    """Indexer scores and sparse MLA over int8 keys/latents whose last batch lies past 2^31 elements, against
+    the reference on exactly the rows touched (fp32 copies of the [B,T,.] views)."""
+    B, D, dI, dev = kv.shape[0], kv.shape[2], ik.shape[2], kv.device
+    g = torch.Generator().manual_seed(3)
+    H, S, K, Dv = 2, 2, 8, D - 8
+    q = torch.randn(B, S, H, D, generator=g) / 32
+    idx = torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(B * S)]).int().view(B, S, K)
+    idx[0, 0, ::2] = -1
+    out, lse = mod.sparse_mla_forward(q.to(dev), kv, idx.to(dev), Dv, 0.1)
+    out_r, lse_r = ref.sparse_mla(q, kv[:, :T].float().cpu(), idx, v_dim=Dv, scale=0.1)
+    torch.testing.assert_close(out.cpu(), out_r, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lse.cpu(), lse_r, rtol=1e-5, atol=1e-4)
+    HI = 2
+    qi, w = torch.randn(B, S, HI, dI, generator=g), torch.randn(B, S, HI, generator=g)
+    q_pos = torch.full((B, S), T - 1)
+    scores = mod.indexer_scores(qi.to(dev), w.to(dev), ik, q_pos=q_pos.to(dev), T=T).cpu()
+    torch.testing.assert_close(scores, ref.indexer_scores(qi, w, ik[:, :T].float().cpu()), rtol=1e-5, atol=1e-3)
+
+
+def test_triton_kernels_offsets_past_2g_elements(tr):
+    """Batch 2 of a latent/indexer-key cache starts 2^31 + 128 elements in (a 32-bit b x stride wraps there);
+    the buffer is virtual memory, backed only where written, so this runs in the default suite."""
+    mod, dev = tr
+    if dev.type != "cpu":
+        pytest.skip("lazily backed host buffer: interpreter only")
+    T = 24
+    kv = _int8_batches(3, T, 40, BIG, seed=1)
+    ik = _int8_batches(3, T, 16, BIG, seed=2)
+    _check_kernels_past_2g(mod, kv, ik, T)
+
+
+@pytest.mark.slow
+def test_triton_kernels_on_a_real_2gib_latent_buffer(tr):
+    """A real, fully written int8 buffer of 16 x 248,600 x 576 = 2.29e9 elements (2.1 GiB): the last batch's
+    rows start past 2^31, as in a many-sequence decode at long context. Only a few rows are read."""
+    mod, dev = tr
+    B, T_all, D = 16, 248_600, 576
+    buf = torch.randint(-100, 100, (B * T_all * D,), dtype=torch.int8, device=dev)
+    kv = buf.view(B, T_all, D)  # batch 15 starts at 2.148e9 elements
+    ik = buf.view(B, T_all * D // 128, 128)  # the same bytes seen as indexer keys: batch 15 at 2.148e9 too
+    _check_kernels_past_2g(mod, kv, ik, T=32)
+
+
+@pytest.mark.parametrize("use_dsa", [True, False])
+def test_attention_absorbed_form_in_query_chunks(monkeypatch, use_dsa):
+    """The absorbed form runs long prefills in query chunks (bounded temporaries): chunks of 5 queries give the
+    same output and gradients as one chunk, sparse (DSA) and dense."""
+    from dsv32 import model as M
+    from dsv32.config import ModelConfig
+
+    cfg = ModelConfig.from_name("tiny")
+    torch.manual_seed(0)
+    attn = M.Attention(cfg)
+    S = 23  # > index_topk 16: later queries select
+    x = torch.randn(2, S, cfg.hidden_size)
+    positions = torch.arange(S).expand(2, S)
+    cos, sin = M.rope_cos_sin(M.yarn_inv_freq(cfg), positions)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        attn.zero_grad()
+        out = attn(x, positions, cos, sin, use_dsa=use_dsa, form="absorbed")[0]
+        out.square().sum().backward()
+        return out.detach(), attn.q_b_proj.weight.grad.clone()
+
+    out1, g1 = run()
+    per_query = 4 * 2 * cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    monkeypatch.setattr(M, "ABSORBED_QUERY_BYTES", 5 * per_query)
+    out5, g5 = run()
+    torch.testing.assert_close(out5, out1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g5, g1, rtol=1e-4, atol=1e-6)

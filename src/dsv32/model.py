@@ -218,6 +218,7 @@ class AttnAux:
 
 
 MASKED_QUERY_BLOCK = 256  # masked DSA form: query rows per SDPA call, each with keys cut at its last row
+ABSORBED_QUERY_BYTES = 1 << 30  # absorbed form: fp32 bytes of one query chunk's latent queries + outputs
 
 
 class Attention(nn.Module):
@@ -313,12 +314,22 @@ class Attention(nn.Module):
                 raise ValueError("form='mha' with sparse selection: use form='absorbed' or 'masked'")
             o = self._mha(q_nope, q_pe, latent_ctx, positions, T, idx)  # [B,S,H,Dv]
         else:
-            q_lat = torch.cat([torch.einsum("bshn,hnl->bshl", q_nope, w_uk), q_pe], dim=-1)  # [B,S,H,Dl+R]
-            if idx is not None:
-                o_lat, _ = ops.sparse_mla(q_lat, latent_ctx, idx, v_dim=self.kv_rank, scale=self.softmax_scale)
-            else:
-                o_lat, _ = ops.dense_mla(q_lat, latent_ctx, positions, v_dim=self.kv_rank, scale=self.softmax_scale)
-            o = torch.einsum("bshl,hvl->bshv", o_lat, w_uv)  # [B,S,H,Dv]
+            # queries in chunks: a 128K-token prefill's [B,S,H,Dl+R] absorbed queries and [B,S,H,Dl] fp32 latent
+            # outputs would be 38 + 34 GB at once; per chunk they stay under ABSORBED_QUERY_BYTES
+            C = max(1, ABSORBED_QUERY_BYTES // (4 * B * H * (2 * self.kv_rank + R)))
+            outs = []
+            for s0 in range(0, S, C):
+                sl = slice(s0, min(S, s0 + C))
+                q_lat = torch.cat([torch.einsum("bshn,hnl->bshl", q_nope[:, sl], w_uk), q_pe[:, sl]], dim=-1)
+                if idx is not None:  # q_lat [B,C,H,Dl+R]
+                    o_lat, _ = ops.sparse_mla(q_lat, latent_ctx, idx[:, sl], v_dim=self.kv_rank,
+                                              scale=self.softmax_scale)
+                else:
+                    o_lat, _ = ops.dense_mla(q_lat, latent_ctx, positions[:, sl], v_dim=self.kv_rank,
+                                             scale=self.softmax_scale)
+                outs.append(torch.einsum("bshl,hvl->bshv", o_lat, w_uv))  # [B,C,H,Dv]
+            o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # [B,S,H,Dv]
+            q_lat = q_lat if len(outs) == 1 else None  # (want_aux rebuilds the whole one below)
         out = self.o_proj(o.reshape(B, S, H * self.v_dim))
         aux = None
         if want_aux:

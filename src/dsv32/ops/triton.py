@@ -12,6 +12,11 @@ first. Correctness is tested on CPU with Triton's interpreter (``TRITON_INTERPRE
   online softmax (the FlashMLA formulation: gather, dot, running max/sum). Backward reuses the chunked torch
   backward of ``cpu.py``, which recomputes from the saved lse.
 
+Every row x stride product is formed in int64 (program ids and gathered row indices are cast first): a 64-sequence
+decode at 128K puts a batch's latent rows 4.7e9 elements into the cache, and a long prefill's q rows pass 2^31
+elements too. Query and key tensors are read through their strides (a cache view is not copied); temporaries
+are the caller's to bound (the model runs the absorbed form in query chunks).
+
 Nothing here has been timed on a GPU; the kernels aim at clarity and correctness first.
 
 Shape legend: B batch, S queries, T keys, H heads, HI indexer heads, dI indexer head dim, D latent dim,
@@ -52,10 +57,10 @@ def _precision(t: torch.Tensor) -> str:
 def _indexer_scores_kernel(
     Q, W, Kc, KS, POS, OUT,  # q [R,HI,dI], w [R,HI], k [B,T,dI], k_scale [B,T], q_pos [R], out [R,T]
     S, T, HI, DI,
-    stride_qr, stride_qh, stride_wr, stride_kb, stride_kt, stride_sb, stride_or,
+    stride_qr, stride_qh, stride_wr, stride_kb, stride_kt, stride_sb, stride_st, stride_or,
     HAS_SCALE: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
 ):
-    r = tl.program_id(0)  # query row in [0, B*S)
+    r = tl.program_id(0).to(tl.int64)  # query row in [0, B*S); int64: every row x stride below is 64-bit
     b = r // S
     offs_t = tl.program_id(1) * BT + tl.arange(0, BT)
     offs_h = tl.arange(0, BH)
@@ -65,12 +70,12 @@ def _indexer_scores_kernel(
         mask=(offs_h[:, None] < HI) & (offs_d[None, :] < DI), other=0.0,
     )  # [BH,BD]
     k = tl.load(
-        Kc + b * stride_kb + offs_t[:, None] * stride_kt + offs_d[None, :],
+        Kc + b * stride_kb + offs_t[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
         mask=(offs_t[:, None] < T) & (offs_d[None, :] < DI), other=0.0,
     ).to(q.dtype)  # [BT,BD]
     logits = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BH,BT] fp32
     if HAS_SCALE:
-        ks = tl.load(KS + b * stride_sb + offs_t, mask=offs_t < T, other=0.0)
+        ks = tl.load(KS + b * stride_sb + offs_t * stride_st, mask=offs_t < T, other=0.0)
         logits = logits * ks[None, :]
     w = tl.load(W + r * stride_wr + offs_h, mask=offs_h < HI, other=0.0).to(tl.float32)
     scores = tl.sum(tl.maximum(logits, 0.0) * w[:, None], axis=0)  # [BT]
@@ -101,17 +106,18 @@ def indexer_scores(
         q = q.float()
     if k.dtype == torch.float8_e4m3fn and (_INTERPRET or not q.is_cuda):
         k = k.float()  # the interpreter has no fp8 loads
-    q = q.reshape(B * S, HI, dI).contiguous()
+    q = q.reshape(B * S, HI, dI)  # a view where the strides allow (no copy of a strided cache or query)
+    q = q if q.stride(-1) == 1 else q.contiguous()
     w = w.reshape(B * S, HI).float().contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     pos = q_pos.reshape(B * S).to(torch.int64).contiguous()
-    ks = k_scale.float().contiguous() if k_scale is not None else out  # dummy pointer when unused
+    ks = k_scale.float() if k_scale is not None else out  # dummy pointer when unused
     BT = 64
     grid = (B * S, triton.cdiv(T, BT))
     _indexer_scores_kernel[grid](
         q, w, k, ks, pos, out,
         S, T, HI, dI,
-        q.stride(0), q.stride(1), w.stride(0), k.stride(0), k.stride(1), ks.stride(0), T,
+        q.stride(0), q.stride(1), w.stride(0), k.stride(0), k.stride(1), ks.stride(0), ks.stride(-1), T,
         HAS_SCALE=k_scale is not None, BH=_p2(HI), BD=_p2(dI), BT=BT, PREC=_precision(q),
     )
     return out.view(B, S, T)
@@ -158,7 +164,7 @@ def _sparse_mla_fwd_kernel(
     BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ND: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    r = tl.program_id(0)  # query row in [0, B*S)
+    r = tl.program_id(0).to(tl.int64)  # query row in [0, B*S); int64: every row x stride below is 64-bit
     b = r // S
     offs_h = tl.program_id(1) * BH + tl.arange(0, BH)
     h_ok = offs_h < H
@@ -185,6 +191,7 @@ def _sparse_mla_fwd_kernel(
         p = tl.exp(s - m_safe[:, None])  # [BH,BK], 0 on -1 slots
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(rows[:, None] + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0)
+        v = v.to(Q.dtype.element_ty)  # latents stored narrower than q (FP8/int8) are upcast in registers
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     has = l_i > 0
@@ -207,8 +214,9 @@ def sparse_mla_forward(
     lse = torch.full((B * S, H), float("-inf"), dtype=torch.float32, device=q.device)
     if B * S == 0 or K == 0:
         return out.view(B, S, H, v_dim), lse.view(B, S, H)
-    qf = q.reshape(B * S, H, D).contiguous()
-    kvc = kv if kv.stride(-1) == 1 else kv.contiguous()
+    qf = q.reshape(B * S, H, D)  # a view where the strides allow
+    qf = qf if qf.stride(-1) == 1 else qf.contiguous()
+    kvc = kv if kv.stride(-1) == 1 else kv.contiguous()  # a strided cache view is read in place
     ic = idx.reshape(B * S, K).to(torch.int32).contiguous()
     BV = _p2(v_dim)
     BH = max(16, min(_p2(H), 8192 // BV))  # the [BH,BV] fp32 accumulator lives in registers: 16 heads at Dv 512
