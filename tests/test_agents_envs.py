@@ -17,6 +17,7 @@ import pytest
 from dsv32.agents.envs import CATEGORIES
 from dsv32.agents.envs.base import generate, read_tasks, schemas_from_source
 from dsv32.agents.envs.checks import as_number, check, norm
+from dsv32.agents.envs.session import ToolCallError, ToolSession, filter_pass_k, pass_at_k, random_policy
 from dsv32.agents.sandbox import sandbox_available
 from dsv32.agents.synth import cli_main, run_jobs, synthesize, validate
 
@@ -223,6 +224,45 @@ def test_cli_writes_environments_and_summary(tmp_path, capsys):
         assert files == {"env.json", "db.sqlite", "tools.py", "checks.py", "tasks.jsonl"}
     assert "verified tasks" in capsys.readouterr().out
     assert cli_main(["--out", str(tmp_path), "--categories", "nope"]) == 2
+
+
+def test_tool_session_runs_tools_in_the_sandbox(tmp_path):
+    need_sandbox()
+    env = generate(CATEGORIES["trip"], 0, tmp_path)
+    db = sqlite3.connect(env.path / "db.sqlite")
+    hotel, city = db.execute("SELECT name, city FROM hotels LIMIT 1").fetchone()
+    with ToolSession(env.path) as s:
+        assert s.call("get_all_cities") == sorted(r[0] for r in db.execute("SELECT name FROM cities"))
+        assert s.call("get_city_by_hotel", {"hotel": hotel.upper()}) == city
+        assert s.call("get_infos_by_hotel", json.dumps({"name": hotel}))["city"] == city
+        bad = [("nope", {}, "unknown tool"), ("get_city_by_hotel", {"hotel": 3}, "type string"),
+               ("get_city_by_hotel", {}, "missing"), ("get_city_by_hotel", {"hotel": "x"}, "no hotels")]
+        for name, args, msg in bad:
+            with pytest.raises(ToolCallError, match=msg):
+                s.call(name, args)
+        t = env.tasks[0]
+        assert s.verify(t, t["answer"] if t["answer"] is not None else "x")[0] is (t["answer"] is not None)
+        assert s.verify(t, None)[0] is False
+        assert s.call("get_all_cities")                                   # still usable after errors
+
+
+def test_pass_k_filter_keeps_what_a_policy_solves(tmp_path):
+    need_sandbox()
+    env = generate(CATEGORIES["sports"], 0, tmp_path)
+    answers = {t["id"]: t["answer"] for t in env.tasks}
+    calls = []
+
+    def oracle(task, session, rng):                       # looks at a tool, then submits the reference answer
+        calls.append(session.call("list_teams"))
+        return answers[task["id"]]
+
+    res = pass_at_k(env.path, oracle, 4)
+    assert all(r == {"k": 4, "tries": 1, "solved": 1} for r in res.values()) and len(calls) == len(answers)
+    res = pass_at_k(env.path, random_policy, 3, stop_at_first=False)
+    assert all(r["tries"] == 3 for r in res.values())
+    kept, dropped = filter_pass_k(env.path, lambda task, session, rng: None, 2)    # never solves
+    assert kept == [] and len(dropped) == len(answers) and read_tasks(env.path) == []
+    assert all(t["pass_k"] == {"k": 2, "tries": 2, "solved": 0} for t in dropped)
 
 
 @pytest.mark.slow

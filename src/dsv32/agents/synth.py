@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dsv32.agents.envs import CATEGORIES
 from dsv32.agents.envs.base import Environment, generate, write_tasks
+from dsv32.agents.envs.session import POLICIES, Policy, filter_pass_k
 from dsv32.agents.sandbox import run_python
 
 RUNNER_SOURCE = (Path(__file__).parent / "envs" / "runner.py").read_text(encoding="utf-8")
@@ -104,9 +105,11 @@ def parse_levels(text: str) -> list[int]:
 
 
 def synthesize(out: Path, categories: Sequence[str], seeds: Sequence[int], levels: Sequence[int], *,
-               per_level: int = 2, random_tries: int = 5, job_timeout: float = 20.0, unsafe: bool = False,
-               log=print) -> dict:
-    """Generate and validate every (category, seed) environment; returns the summary `dsv32 synth` prints."""
+               per_level: int = 2, random_tries: int = 5, job_timeout: float = 20.0, pass_k: int = 0,
+               policy: Policy | None = None, unsafe: bool = False, log=print) -> dict:
+    """Generate and validate every (category, seed) environment; with `pass_k` > 0 also apply the paper's
+    filter with `policy` (keep a task only if it is solved at least once in `pass_k` tries). Returns the
+    summary `dsv32 synth` prints."""
     per_cat: dict[str, Counter] = defaultdict(Counter)
     dropped: list[tuple[str, str]] = []
     t0 = time.perf_counter()
@@ -129,6 +132,10 @@ def synthesize(out: Path, categories: Sequence[str], seeds: Sequence[int], level
                 c[f"level{t['difficulty']}"] += 1
             dropped += v.dropped
             sandbox_s += v.seconds
+            if pass_k > 0 and v.kept:
+                assert policy is not None, "pass_k needs a policy"
+                survived, _ = filter_pass_k(v.env.path, policy, pass_k, seed=seed, unsafe=unsafe)
+                c["pass_k_kept"] += len(survived)
         log(f"{name:12s} envs {per_cat[name]['envs']:4d}  kept {per_cat[name]['kept']:5d} / "
             f"{per_cat[name]['generated']:5d}  random pass {per_cat[name]['random_pass']}/"
             f"{per_cat[name]['random_runs']}")
@@ -146,6 +153,8 @@ def synthesize(out: Path, categories: Sequence[str], seeds: Sequence[int], level
         "per_category": {k: dict(v) for k, v in per_cat.items()},
         "seconds": time.perf_counter() - t0, "sandbox_seconds": sandbox_s,
     }
+    if pass_k > 0:
+        summary["pass_k"] = {"k": pass_k, "kept": tot["pass_k_kept"], "dropped": tot["kept"] - tot["pass_k_kept"]}
     return summary
 
 
@@ -161,6 +170,10 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--random", type=int, default=5, help="random-policy episodes per task (0: none)")
     ap.add_argument("--task-timeout", type=float, default=20.0,
                     help="seconds one task's validation may take inside the sandbox (default 20)")
+    ap.add_argument("--pass-k", type=int, default=0,
+                    help="the paper's filter: keep a task only if --policy solves it at least once in K tries")
+    ap.add_argument("--policy", default="random", choices=sorted(POLICIES),
+                    help="policy for --pass-k (from Python, filter_pass_k takes any callable, e.g. an agent loop)")
     ap.add_argument("--json", type=Path, help="write the summary (and dropped tasks) here")
     ap.add_argument("--unsafe", action="store_true",
                     help="run tools/solutions/verifiers WITHOUT the sandbox (only if you trust the code)")
@@ -173,12 +186,15 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     levels = parse_levels(args.difficulty)
     s = synthesize(args.out, cats, range(args.seed_start, args.seed_start + args.seeds), levels,
                    per_level=args.per_level, random_tries=args.random, job_timeout=args.task_timeout,
-                   unsafe=args.unsafe)
+                   pass_k=args.pass_k, policy=POLICIES[args.policy], unsafe=args.unsafe)
     print(f"{s['tasks_kept']} verified tasks in {s['environments']} environments, {s['categories']} categories "
           f"({s['tasks_generated'] - s['tasks_kept']} dropped); by level {s['by_level']}; reference solutions pass "
           f"{s['solution_pass_rate']:.2%} of the {s['tasks_generated']} generated")
     print(f"random policy passes {s['random_policy_pass_rate']:.2%} of {s['random_policy_runs']} episodes; "
           f"empty answers pass {s['empty_answer_pass_rate']:.2%}; {s['seconds']:.1f} s")
+    if "pass_k" in s:
+        print(f"pass@{args.pass_k} filter with the {args.policy} policy: kept {s['pass_k']['kept']}, "
+              f"dropped {s['pass_k']['dropped']} (tasks.jsonl holds the kept ones, each with its pass_k)")
     for d in s["dropped"][:20]:
         print(f"  dropped {d['id']}: {d['why'][:300]}")
     if args.json:

@@ -1,0 +1,155 @@
+"""A policy's access to a synthesized environment, and the paper's pass@k filter (§3.3: a task is kept only if
+some policy solves it at least once in k tries; V3.2 used k = 100).
+
+`ToolSession` runs the environment's tools.py inside a sandboxed notebook kernel (`agents.notebook`), so the
+host never imports untrusted tool code: each call is checked against the tool's schema on the host
+(`agents.tools.check_arguments`), executed in the kernel, and comes back as JSON. A policy is any callable
+`policy(task, session, rng) -> answer` (the agent loop plugs in here); `random_policy` is the floor used by
+`dsv32 synth`'s measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dsv32.agents.envs.base import read_tasks, write_tasks
+from dsv32.agents.envs.runner import random_episode
+from dsv32.agents.notebook import NotebookSession
+from dsv32.agents.tools import ToolError, check_arguments
+
+RUNNER_SOURCE = Path(__file__).with_name("runner.py").read_text(encoding="utf-8")
+
+
+class ToolCallError(Exception):
+    """A tool call failed (bad arguments, the tool raised, the sandbox stopped it): tell the policy."""
+
+
+class ToolSession:
+    """Sandboxed tools of one environment for a host-side policy; `call(name, arguments)` -> JSON result."""
+
+    def __init__(self, env_dir: str | Path, *, scratch: Path | None = None, timeout: float = 20.0,
+                 unsafe: bool = False):
+        self.env = Path(env_dir).resolve()
+        meta = json.loads((self.env / "env.json").read_text(encoding="utf-8"))
+        self.schemas: list[dict] = meta["tools"]
+        self._schema = {s["function"]["name"]: s for s in self.schemas}
+        self.tool_names = list(self._schema)
+        self._tmp = tempfile.TemporaryDirectory(prefix="dsv32-env-") if scratch is None else None
+        self.nb = NotebookSession(Path(self._tmp.name) if self._tmp else scratch, ro_paths=[self.env],
+                                  timeout=timeout, unsafe=unsafe)
+        self._ready = False
+
+    def _boot(self) -> None:
+        """(Re)load the runner helpers and tools.py in the kernel (after a start or a restart)."""
+        setup = (f"import json, sys, types\nsys.path.insert(0, {str(self.env)!r})\n"
+                 "_runner = types.ModuleType('dsv32_env_runner')\n"
+                 f"exec(compile({RUNNER_SOURCE!r}, 'runner.py', 'exec'), _runner.__dict__)\n"
+                 f"_TOOLS, _SCHEMAS = _runner.load_tools({str(self.env)!r})\n")
+        r = self.nb.execute(setup)
+        if not r.ok:
+            raise RuntimeError(f"{self.env}: could not load tools.py in the sandbox: {r.error}")
+        self._ready = True
+
+    def _run(self, code: str) -> Any:
+        if not self._ready or not self.nb.alive:
+            self._boot()
+        r = self.nb.execute(code)
+        if r.restarted or not r.ok:
+            self._ready = not r.restarted
+            raise ToolCallError(r.error or "the sandbox gave no result")
+        lines = r.output.strip().splitlines()
+        if not lines:
+            raise ToolCallError("the sandbox gave no result")
+        return json.loads(lines[-1])
+
+    def call(self, name: str, arguments: dict | str | None = None) -> Any:
+        """Run tool `name`; raises ToolCallError with the message a model would see."""
+        if name not in self._schema:
+            raise ToolCallError(f"unknown tool {name!r}; tools: {', '.join(self._schema)}")
+        try:
+            args = check_arguments(self._schema[name], arguments)
+        except ToolError as e:
+            raise ToolCallError(f"{name}: {e}") from None
+        out = self._run(f"print(_runner.call_tool(_TOOLS, {name!r}, {json.dumps(args)!r}))")
+        if not out["ok"]:
+            raise ToolCallError(f"{name}: {out['error']}")
+        return out["result"]
+
+    def verify(self, task: dict, answer: Any) -> tuple[bool, str]:
+        """The task's verifier on a submitted answer (in the sandbox)."""
+        payload = json.dumps(json.dumps(answer, default=str))
+        try:
+            ok, why = self._run(f"print(json.dumps(_runner.verify(_TOOLS, {task['verifier']!r}, "
+                                f"json.loads({payload}), {task['id']!r})))")
+        except ToolCallError as e:
+            return False, f"verifier failed: {e}"
+        return bool(ok), str(why)
+
+    def close(self) -> None:
+        self.nb.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> ToolSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+Policy = Callable[[dict, ToolSession, random.Random], Any]
+
+
+def _forward(session: ToolSession, name: str, **kwargs) -> Any:
+    return session.call(name, kwargs)
+
+
+def random_policy(task: dict, session: ToolSession, rng: random.Random) -> Any:
+    """1-8 schema-valid tool calls with arguments drawn from values seen so far, then a random answer of the
+    task's answer schema (the same policy `dsv32 synth` measures inside its batch runner)."""
+    tools = {n: functools.partial(_forward, session, n) for n in session.tool_names}
+    answer, _ = random_episode(tools, session.schemas, task["prompt"], task["answer_schema"], rng, rng.randint(1, 8))
+    return answer
+
+
+POLICIES: dict[str, Policy] = {"random": random_policy}
+
+
+def pass_at_k(env_dir: str | Path, policy: Policy, k: int, *, seed: int = 0, stop_at_first: bool = True,
+              unsafe: bool = False) -> dict[str, dict]:
+    """Per task: up to `k` tries of `policy`, each verified. With `stop_at_first` (all the filter needs) a
+    task stops at its first success. Returns {task id: {"k", "tries", "solved"}}."""
+    out: dict[str, dict] = {}
+    with ToolSession(env_dir, unsafe=unsafe) as session:
+        for t in read_tasks(env_dir):
+            tries = solved = 0
+            for i in range(k):
+                rng = random.Random(f"{seed}-{t['id']}-{i}")
+                try:
+                    answer = policy(t, session, rng)
+                except Exception:  # noqa: BLE001 - a crashing try is a failed try
+                    answer = None
+                tries += 1
+                solved += session.verify(t, answer)[0]
+                if solved and stop_at_first:
+                    break
+            out[t["id"]] = {"k": k, "tries": tries, "solved": solved}
+    return out
+
+
+def filter_pass_k(env_dir: str | Path, policy: Policy, k: int, **kwargs) -> tuple[list[dict], list[dict]]:
+    """The paper's filter: record each task's `pass_k` and keep only tasks the policy solved at least once
+    (tasks.jsonl is rewritten with the kept ones). Returns (kept, dropped)."""
+    results = pass_at_k(env_dir, policy, k, **kwargs)
+    kept, dropped = [], []
+    for t in read_tasks(env_dir):
+        t["pass_k"] = results[t["id"]]
+        (kept if t["pass_k"]["solved"] else dropped).append(t)
+    write_tasks(Path(env_dir), kept)
+    return kept, dropped
