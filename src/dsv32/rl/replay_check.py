@@ -33,6 +33,8 @@ from dsv32.rl.step import GRPOConfig, grpo_update
 from dsv32.rl.tasks import get_task, score_rollouts
 from dsv32.tokenizer import load_tokenizer
 
+LOGP_BINS = ((-0.1, 0.0), (-1.0, -0.1), (-3.0, -1.0), (-8.0, -3.0), (-float("inf"), -8.0))
+
 
 def tiny_model(seed: int) -> Transformer:
     """The tiny preset with weights scaled up from the default init (peaked, far-from-tie distributions)."""
@@ -112,6 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
                 d = (policy_logprobs(model, batch) - b.logp_old).abs()[m]
                 row[f"{name}_max_abs"], row[f"{name}_mean_abs"] = float(d.max()), float(d.mean())
                 row[f"{name}_forward_s"] = round(time.perf_counter() - t0, 2)
+                if name == "kept_mask":  # does the gap depend on how likely the sampled token was?
+                    old = b.logp_old[m]
+                    row["kept_mask_mean_abs_by_logp"] = {
+                        f"({lo},{hi}]": float(d[(old > lo) & (old <= hi)].mean())
+                        for lo, hi in LOGP_BINS if bool(((old > lo) & (old <= hi)).any())
+                    }
         report["equal_weights"].append(row)
         print(json.dumps(row), flush=True)
 
