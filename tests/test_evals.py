@@ -141,11 +141,12 @@ def test_needle_selection_diagnostic() -> None:
     stream = np.array(tok.encode("the river runs north past the old stone mill " * 40))
     it = passkey.passkey_items(tok, stream, context=300, num=3, seed=0)[1]
     n = len(tok.encode(passkey.NEEDLE.format(key=12345)))
-    small = needle_selection(m, it, n, topk=16)
+    needle = range(it.needle_pos, it.needle_pos + n)
+    small = needle_selection(m, it.ids, it.answer_len, needle, topk=16)
     assert len(small["needle_tokens_selected"]) == len(small["max_head_mass"]) == m.config.num_hidden_layers
     assert all(0 <= s <= 16 for s in small["needle_tokens_selected"])
     assert all(0 < x < 1 for x in small["max_head_mass"])
-    full = needle_selection(m, it, n, topk=400)  # k covers every key: the whole needle is selected
+    full = needle_selection(m, it.ids, it.answer_len, needle, topk=400)  # k covers every key: all of the needle
     assert full["needle_tokens_selected"] == [float(n)] * m.config.num_hidden_layers
     assert full["max_head_mass"] == small["max_head_mass"]  # the dense side does not depend on k
 

@@ -2,8 +2,13 @@
 
 Training on them puts retrieval-shaped attention into the data (a fact or a span far back that the answer
 needs), which is what a sparse-attention indexer must learn to keep (V3.2 paper §2.1). Every generator is a
-pure function of its `random.Random`, so `prepare`, `dsv32 sparsify` and the passkey evaluation build the
-same documents from the same seed.
+pure function of its `random.Random`, so `prepare` and `dsv32 sparsify` build the same documents from the same
+seed.
+
+These are *training* generators only. The retrieval evaluations build their needles elsewhere
+(`dsv32.evals.needles`), with other templates and another key format (there: ddd-dddd; here: five plain
+digits, `TRAIN_KEY_DIGITS`), so that a score cannot come from having trained on the test's own phrasing; a test
+checks that no document made here matches the evaluation templates or key format.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ _LAST = (
     "Quiroga Rossi Sato Tanaka Ulrich Varga Weber Xu Yilmaz Zeller Brandt Costa Duval Engel Fischer Greco"
 ).split()
 
+#: Digits of a training key (codes are 10000..99999).
+TRAIN_KEY_DIGITS = 5
+KV_FACT = "The secret code for {name} is {code}."
 KV_QUESTION = "\n\nQuestion: What is the secret code for {name}?\nAnswer: The secret code for {name} is "
 COPY_OPEN, COPY_CLOSE = "<<<\n", "\n>>>"
 COPY_QUESTION = "\n\nRepeat the passage between <<< and >>> exactly:\n"
@@ -83,18 +91,51 @@ def make_kv_recall_doc(rng: random.Random, filler_text: str, n_keys: int, length
         raise ValueError("n_keys must be >= 1")
     names = random_names(rng, n_keys)
     codes = rng.sample(range(10_000, 100_000), n_keys)
-    facts = [f"The secret code for {n} is {c}." for n, c in zip(names, codes)]
+    facts = [KV_FACT.format(name=n, code=c) for n, c in zip(names, codes)]
     target = rng.randrange(n_keys)
     question = KV_QUESTION.format(name=names[target])
     budget = length_chars - sum(len(f) + 1 for f in facts) - len(question)
-    lines = text_window(rng, filler_text, budget).split("\n")
-    slots = sorted(rng.randint(0, len(lines)) for _ in facts)  # insert before line `slot`
-    for k, (slot, fact) in enumerate(zip(slots, facts)):
-        lines.insert(slot + k, fact)
-    depths = [(slot + k) / max(1, len(lines) - 1) for k, slot in enumerate(slots)]
+    lines, depths = _insert_lines(rng, text_window(rng, filler_text, budget).split("\n"), facts)
     prompt = "\n".join(lines) + question
     meta = {"n_keys": n_keys, "name": names[target], "depth": round(depths[target], 4)}
     return SyntheticDoc("kv_recall", prompt, str(codes[target]), suffix=".\n", meta=meta)
+
+
+def _insert_lines(rng: random.Random, lines: list[str], facts: list[str]) -> tuple[list[str], list[float]]:
+    """`facts` inserted as lines at random places of `lines` (in order) -> (lines, each fact's depth)."""
+    slots = sorted(rng.randint(0, len(lines)) for _ in facts)  # insert before line `slot`
+    for k, (slot, fact) in enumerate(zip(slots, facts)):
+        lines.insert(slot + k, fact)
+    return lines, [(slot + k) / max(1, len(lines) - 1) for k, slot in enumerate(slots)]
+
+
+def make_multi_question_doc(rng: random.Random, filler_text: str, n_keys: int, n_questions: int,
+                            length_chars: int) -> SyntheticDoc:
+    """Key-value recall with several questions: `n_keys` facts over about `length_chars` of real text, then
+    `n_questions` (<= `n_keys`) question/answer pairs about distinct keys. Each answer is a retrieval event, so
+    a document carries several per question-free stretch of text (`dsv32 sparsify --retrieval-frac`)."""
+    if not 1 <= n_questions <= n_keys:
+        raise ValueError(f"need 1 <= n_questions ({n_questions}) <= n_keys ({n_keys})")
+    names = random_names(rng, n_keys)
+    codes = rng.sample(range(10_000, 100_000), n_keys)
+    facts = [KV_FACT.format(name=n, code=c) for n, c in zip(names, codes)]
+    asked = rng.sample(range(n_keys), n_questions)
+    qa = [KV_QUESTION.format(name=names[j]) + f"{codes[j]}." for j in asked]
+    budget = length_chars - sum(len(f) + 1 for f in facts) - sum(map(len, qa))
+    lines, depths = _insert_lines(rng, text_window(rng, filler_text, budget).split("\n"), facts)
+    prompt = "\n".join(lines) + "".join(qa[:-1]) + KV_QUESTION.format(name=names[asked[-1]])
+    meta = {"n_keys": n_keys, "questions": n_questions, "depths": [round(depths[j], 4) for j in asked]}
+    return SyntheticDoc("kv_multi", prompt, str(codes[asked[-1]]), suffix=".\n", meta=meta)
+
+
+def make_retrieval_doc(
+    rng: random.Random, sample_filler: Callable[[random.Random, int], str], length_chars: int
+) -> SyntheticDoc:
+    """One retrieval-bearing training document (`dsv32 sparsify --retrieval-frac`): 2..8 facts over 1/2..1x
+    `length_chars` of real text and 1..4 questions about them, so the asked facts lie far before the answers."""
+    n = rng.randint(max(400, length_chars // 2), max(400, length_chars))
+    n_keys = rng.randint(2, 8)
+    return make_multi_question_doc(rng, sample_filler(rng, 2 * n), n_keys, rng.randint(1, min(4, n_keys)), n)
 
 
 def make_copy_doc(rng: random.Random, filler_text: str, span_chars: int, length_chars: int) -> SyntheticDoc:

@@ -1,4 +1,4 @@
-"""`dsv32 eval ppl|passkey`: held-out evaluations of dense and DSA models, one JSON result shape.
+"""`dsv32 eval ppl|passkey|retrieval`: held-out evaluations of dense and DSA models, one JSON result shape.
 
 Every result is ``{"eval": NAME, "settings": {...}, "results": {...}}``; the settings (model, context, attention
 mode, k, indexer, data, seed, versions) sit next to the figures so a number is never separated from how it was
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from dsv32.evals import passkey, ppl
+from dsv32.evals import passkey, ppl, retrieval
 from dsv32.evals.common import (
     DEFAULT_TEXT,
     add_common_args,
@@ -42,18 +42,18 @@ from dsv32.evals.modes import (
     window_selection,
 )
 
-_EVALS = {"ppl": ppl.cli_main, "passkey": passkey.cli_main}
+_EVALS = {"ppl": ppl.cli_main, "passkey": passkey.cli_main, "retrieval": retrieval.cli_main}
 
 
 def cli_main(argv: list[str]) -> int:
     """``dsv32 eval ppl ...`` / ``dsv32 eval passkey ...``."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: dsv32 eval {ppl,passkey} --model M --context T [--topk K|--dense|--window K] "
+        print("usage: dsv32 eval {ppl,passkey,retrieval} --model M --context T [--topk K|--dense|--window K] "
               "[--indexer FILE] --json FILE")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in _EVALS:
-        print(f"dsv32 eval: unknown evaluation {name!r} (ppl, passkey)", file=sys.stderr)
+        print(f"dsv32 eval: unknown evaluation {name!r} ({', '.join(_EVALS)})", file=sys.stderr)
         return 2
     return _EVALS[name](rest)
 

@@ -4,8 +4,9 @@ Task ``passkey`` (default): a needle "The pass key is NNNNN. Remember it. NNNNN 
 depth d of T tokens of held-out text, and the prompt ends with "What is the pass key? The pass key is"; the
 answer " NNNNN" must come out exactly. The depths are ``--num`` evenly spaced values in [0.02, 0.95] with a
 seeded key and filler offset each, so the item set is fixed for a seed; at k = T/8 most needles lie outside
-the last k-4 tokens, i.e. out of reach of a sliding window. Task ``kv`` uses the project's synthetic key-value
-recall documents (``dsv32.data.make_kv_recall_doc``: several "secret code" facts, one asked about).
+the last k-4 tokens, i.e. out of reach of a sliding window. Task ``kv``: four locker combinations in the held-out
+text, one asked about (``dsv32.evals.needles``' ``multikey`` items, whose templates and key format no training
+document uses; ``dsv32 eval retrieval`` is the full RULER-style set).
 
 Exact match is scored teacher-forced: the answer is right when the argmax at every answer position is the
 answer token, i.e. exactly when greedy decoding would produce the answer; one forward per item.
@@ -27,9 +28,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dsv32.data import load_split_texts, make_kv_recall_doc
+from dsv32.data import load_split_texts
 from dsv32.evals.common import DEFAULT_TEXT, add_common_args, base_settings, prepare_model, write_json
 from dsv32.evals.modes import attention_mode, forward_kwargs, mode_context
+from dsv32.evals.needles import Haystack, make_items
 from dsv32.evals.ppl import heldout_stream
 
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
@@ -72,26 +74,13 @@ def passkey_items(tok: Any, stream: np.ndarray, *, context: int, num: int, seed:
     return items
 
 
-def kv_items(tok: Any, texts: list[str], *, context: int, num: int, seed: int) -> list[Item]:
-    """``num`` synthetic key-value recall prompts (``make_kv_recall_doc``) of at most ``context`` tokens,
-    left-padded with held-out text to exactly ``context``."""
-    rng = random.Random(seed)
-    filler_text = "\n\n".join(texts)
-    bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []
-    items = []
-    chars_per_tok = max(1.0, len(filler_text[:200_000]) / max(1, len(_encode(tok, filler_text[:200_000]))))
-    for _ in range(num):
-        length = int(context * chars_per_tok * 0.95)
-        for _try in range(8):
-            doc = make_kv_recall_doc(rng, filler_text, 4, length)
-            prompt, answer = _encode(tok, doc.prompt), _encode(tok, doc.answer)
-            if len(bos) + len(prompt) + len(answer) <= context:
-                break
-            length = int(length * 0.9)
-        pad = context - len(bos) - len(prompt) - len(answer)
-        ids = bos + _encode(tok, filler_text[:pad * 8])[:pad] + prompt + answer
-        items.append(Item(ids, len(answer), float(doc.meta["depth"]), -1, doc.answer))
-    return items
+def kv_items(tok: Any, texts: list[str], *, context: int, num: int) -> list[Item]:
+    """``num`` key-value items of exactly ``context`` tokens: four lockers with combinations in ``texts``, one
+    asked for (``dsv32.evals.needles``' ``multikey`` task: evaluation-only templates and key format, never the
+    training generators of ``dsv32.data.synthetic``)."""
+    hay = Haystack(tok, texts)
+    return [Item(it.ids, it.answer_len, it.depth, it.spans[0][0], it.answer)
+            for it in make_items(tok, hay, "multikey", context, num)]
 
 
 @torch.no_grad()
@@ -144,7 +133,7 @@ def cli_main(argv: list[str]) -> int:
         roots = args.text or [DEFAULT_TEXT]
         texts, names = load_split_texts(roots, "val")
         data_info = {"text": [str(r) for r in roots], "split": "val", "documents": names}
-        items = kv_items(tok, texts, context=args.context, num=args.num, seed=args.seed)
+        items = kv_items(tok, texts, context=args.context, num=args.num)
     results = eval_items(model, items, mode=mode, k=k, sparse_impl=args.sparse_impl)
     settings = {**base_settings(args, mode, k), "task": args.task, "num": args.num, "data": data_info,
                 "scoring": "exact match, teacher-forced argmax over the answer tokens (= greedy decoding)"}
