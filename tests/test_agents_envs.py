@@ -280,3 +280,107 @@ def test_env_dirs_are_world_readable(tmp_path):
     env = generate(CATEGORIES["courses"], 0, tmp_path)
     assert env.path.stat().st_mode & 0o005 == 0o005
     assert all(p.stat().st_mode & 0o004 for p in Path(env.path).iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- LLM-driven generator
+
+BAD_DATA = "```python\nimport sqlite3\ndb = sqlite3.connect('db.sqlite')\nundefined_helper()\n```"
+GOOD_DATA = '''Here it is.
+```python
+import sqlite3
+db = sqlite3.connect("db.sqlite")
+db.execute("CREATE TABLE books (title TEXT, author TEXT, year INTEGER, price REAL)")
+rows = [("Tide %d" % i, ["Ann Lee", "Bo Chen", "Cy Dunn"][i % 3], 1990 + i, 5.5 + i) for i in range(12)]
+db.executemany("INSERT INTO books VALUES (?, ?, ?, ?)", rows)
+db.commit()
+```'''
+TOOLS = '''```python
+def list_authors() -> list[str]:
+    """All authors.
+    """
+    return _col("SELECT DISTINCT author FROM books ORDER BY 1")
+
+
+def books_by_author(author: str) -> list[dict]:
+    """Books of one author with year and price.
+
+    Args:
+        author: full name
+    """
+    return _rows("SELECT * FROM books WHERE author = ? COLLATE NOCASE", (author,))
+```'''
+
+
+def _task(prompt, solution, verifier):
+    body = {"prompt": prompt, "solution": solution, "verifier": verifier, "answer_schema": {"type": "number"}}
+    return "```json\n" + json.dumps(body) + "\n```"
+
+
+SOLVE_1 = "answer = len(books_by_author('Bo Chen'))"
+VERIFY_WRONG = "def verify(answer):\n    return answer == 5\n"
+VERIFY_1 = "from checks import same_number\ndef verify(answer):\n    return same_number(answer, 4, 0)\n"
+SOLVE_2 = "answer = round(sum(b['price'] for b in books_by_author('Bo Chen') if b['year'] > 1995), 2)"
+VERIFY_2 = "from checks import same_number\ndef verify(answer):\n    return same_number(answer, 28.0)\n"
+
+
+class _ScriptedEndpoint:
+    """An OpenAI-compatible /chat/completions server answering from a script; records every request."""
+
+    def __init__(self, replies):
+        import http.server
+        import threading
+
+        self.replies, self.requests = list(replies), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, dict(self.headers), body))
+                text = outer.replies.pop(0)
+                data = json.dumps({"object": "chat.completion", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(data.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_llm_generator_repairs_until_solution_and_verifier_agree(tmp_path, monkeypatch):
+    need_sandbox()
+    fake = _ScriptedEndpoint([BAD_DATA, GOOD_DATA, TOOLS,
+                              _task("How many books by Bo Chen?", SOLVE_1, VERIFY_WRONG),
+                              _task("How many books by Bo Chen? Answer with a number.", SOLVE_1, VERIFY_1),
+                              _task("Total price of Bo Chen's books after 1995?", SOLVE_2, VERIFY_2)])
+    monkeypatch.setenv("FAKE_KEY", "sk-test")
+    try:
+        rc = cli_main(["--out", str(tmp_path), "--llm", "second-hand bookshop", "--base-url", fake.url,
+                       "--model", "scripted", "--api-key-env", "FAKE_KEY", "--difficulty", "1..2"])
+    finally:
+        fake.close()
+    assert rc == 0 and fake.replies == []
+    path, headers, body = fake.requests[0]
+    assert path == "/v1/chat/completions" and body["model"] == "scripted"
+    assert headers["Authorization"] == "Bearer sk-test"
+    # the failures went back to the model: the data program's NameError, then the verifier disagreeing
+    assert "undefined_helper" in fake.requests[1][2]["messages"][-1]["content"]
+    assert "fails the verifier" in fake.requests[4][2]["messages"][-1]["content"]
+    env = tmp_path / "llm-second-hand-bookshop-0000"
+    meta = json.loads((env / "env.json").read_text())
+    assert meta["generator"] == "llm" and [t["function"]["name"] for t in meta["tools"]] == [
+        "list_authors", "books_by_author"]
+    tasks = read_tasks(env)
+    assert [t["difficulty"] for t in tasks] == [1, 2] and [t["answer"] for t in tasks] == [4, 28.0]
+    jobs = [{"op": "verify", "id": f"{t['id']}/{a}", "verifier": t["verifier"], "answer": a}
+            for t in tasks for a in (t["answer"], 0)]
+    assert [r["ok"] for r in run_jobs(env, jobs)] == [True, False, True, False]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -24,32 +25,8 @@ from pathlib import Path
 
 from dsv32.agents.envs import CATEGORIES
 from dsv32.agents.envs.base import Environment, generate, write_tasks
-from dsv32.agents.envs.session import POLICIES, Policy, filter_pass_k
-from dsv32.agents.sandbox import run_python
-
-RUNNER_SOURCE = (Path(__file__).parent / "envs" / "runner.py").read_text(encoding="utf-8")
-
-
-def run_jobs(env_dir: Path, jobs: list[dict], *, job_timeout: float = 20.0, unsafe: bool = False,
-             memory_mb: int = 1024) -> list[dict]:
-    """Run runner jobs for one environment in ONE sandboxed process; one result per job, in order (a job
-    the process never answered, e.g. after a crash, comes back as {"fatal": why})."""
-    env_dir = Path(env_dir).resolve()
-    spec = json.dumps({"env": str(env_dir), "timeout": job_timeout, "jobs": jobs})
-    with tempfile.TemporaryDirectory(prefix="dsv32-synth-") as scratch:
-        res = run_python(RUNNER_SOURCE, scratch=Path(scratch), ro_paths=[env_dir], stdin=spec,
-                         timeout=30 + job_timeout * len(jobs), memory_mb=memory_mb, unsafe=unsafe)
-    got: dict[str, dict] = {}
-    for line in res.stdout.splitlines():
-        try:
-            out = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(out, dict) and "id" in out:
-            got[out["id"]] = out
-    why = res.error or (res.stderr.strip()[-1500:] or f"exit status {res.returncode}")
-    return [got.get(j["id"], {"id": j["id"], "op": j["op"], "fatal": f"runner gave no result: {why}"})
-            for j in jobs]
+from dsv32.agents.envs.llm import LLMEnvBuilder, http_chat
+from dsv32.agents.envs.session import POLICIES, Policy, filter_pass_k, run_jobs
 
 
 @dataclass
@@ -174,16 +151,36 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                     help="the paper's filter: keep a task only if --policy solves it at least once in K tries")
     ap.add_argument("--policy", default="random", choices=sorted(POLICIES),
                     help="policy for --pass-k (from Python, filter_pass_k takes any callable, e.g. an agent loop)")
+    ap.add_argument("--llm", action="append", metavar="CATEGORY",
+                    help="LLM-driven synthesis of one environment for CATEGORY (free text, repeatable) with the model "
+                         "at --base-url instead of the programmatic generator")
+    ap.add_argument("--base-url", help="OpenAI-compatible endpoint for --llm, e.g. http://127.0.0.1:8000/v1")
+    ap.add_argument("--model", default="default", help="model name sent to --base-url")
+    ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    ap.add_argument("--repairs", type=int, default=3, help="--llm: repair rounds per step")
     ap.add_argument("--json", type=Path, help="write the summary (and dropped tasks) here")
     ap.add_argument("--unsafe", action="store_true",
                     help="run tools/solutions/verifiers WITHOUT the sandbox (only if you trust the code)")
     args = ap.parse_args(argv)
+    levels = parse_levels(args.difficulty)
+    if args.llm:
+        if not args.base_url:
+            print("dsv32 synth: --llm needs --base-url", file=sys.stderr)
+            return 2
+        builder = LLMEnvBuilder(http_chat(args.base_url, args.model, os.environ.get(args.api_key_env)),
+                                repairs=args.repairs, unsafe=args.unsafe)
+        for i, category in enumerate(args.llm):
+            name = f"llm-{re.sub(r'[^a-z0-9]+', '-', category.lower()).strip('-')[:40]}-{args.seed_start + i:04d}"
+            res = builder.build(category, args.out, name, levels=max(levels), seed=args.seed_start + i)
+            print(f"{name}: {len(res.tasks)} validated task(s)" + (f" in {res.path}" if res.path else ""))
+            for line in res.log:
+                print(f"  {line}")
+        return 0
     cats = list(CATEGORIES) if args.categories == "all" else [c.strip() for c in args.categories.split(",")]
     unknown = [c for c in cats if c not in CATEGORIES]
     if unknown:
         print(f"dsv32 synth: unknown categories {unknown}; known: {', '.join(CATEGORIES)}", file=sys.stderr)
         return 2
-    levels = parse_levels(args.difficulty)
     s = synthesize(args.out, cats, range(args.seed_start, args.seed_start + args.seeds), levels,
                    per_level=args.per_level, random_tries=args.random, job_timeout=args.task_timeout,
                    pass_k=args.pass_k, policy=POLICIES[args.policy], unsafe=args.unsafe)

@@ -1,5 +1,6 @@
-"""A policy's access to a synthesized environment, and the paper's pass@k filter (§3.3: a task is kept only if
-some policy solves it at least once in k tries; V3.2 used k = 100).
+"""Running an environment's code in the sandbox: batches of runner jobs (`run_jobs`, one sandboxed process
+for all the tasks of an environment), a policy's interactive access (`ToolSession`), and the paper's pass@k
+filter (§3.3: a task is kept only if some policy solves it at least once in k tries; V3.2 used k = 100).
 
 `ToolSession` runs the environment's tools.py inside a sandboxed notebook kernel (`agents.notebook`), so the
 host never imports untrusted tool code: each call is checked against the tool's schema on the host
@@ -21,9 +22,34 @@ from typing import Any
 from dsv32.agents.envs.base import read_tasks, write_tasks
 from dsv32.agents.envs.runner import random_episode
 from dsv32.agents.notebook import NotebookSession
+from dsv32.agents.sandbox import run_python
 from dsv32.agents.tools import ToolError, check_arguments
 
 RUNNER_SOURCE = Path(__file__).with_name("runner.py").read_text(encoding="utf-8")
+
+
+def run_jobs(env_dir: Path, jobs: list[dict], *, job_timeout: float = 20.0, unsafe: bool = False,
+             memory_mb: int = 1024) -> list[dict]:
+    """Run runner jobs for one environment in ONE sandboxed process; one result per job, in order (a job
+    the process never answered, e.g. after a crash, comes back as {"fatal": why})."""
+    env_dir = Path(env_dir).resolve()
+    if len({j["id"] for j in jobs}) != len(jobs):
+        raise ValueError("run_jobs: job ids must be unique (results are matched to jobs by id)")
+    spec = json.dumps({"env": str(env_dir), "timeout": job_timeout, "jobs": jobs})
+    with tempfile.TemporaryDirectory(prefix="dsv32-synth-") as scratch:
+        res = run_python(RUNNER_SOURCE, scratch=Path(scratch), ro_paths=[env_dir], stdin=spec,
+                         timeout=30 + job_timeout * len(jobs), memory_mb=memory_mb, unsafe=unsafe)
+    got: dict[str, dict] = {}
+    for line in res.stdout.splitlines():
+        try:
+            out = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(out, dict) and "id" in out:
+            got[out["id"]] = out
+    why = res.error or (res.stderr.strip()[-1500:] or f"exit status {res.returncode}")
+    return [got.get(j["id"], {"id": j["id"], "op": j["op"], "fatal": f"runner gave no result: {why}"})
+            for j in jobs]
 
 
 class ToolCallError(Exception):
