@@ -11,16 +11,13 @@ message of the sandbox tests).
 from __future__ import annotations
 
 import json
-import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
+from agent_fakes import TASK, FakeEndpoint, tc, write_shop_env
 from dsv32 import chat
-from dsv32.agents.envs.base import CHECKS_SOURCE, SUBMIT_TOOL, schemas_from_source
 from dsv32.agents.loop import (
     SUMMARY_PROMPT,
     AgentConfig,
@@ -41,44 +38,9 @@ from serving_fakes import ScriptedModel, byte_tokenizer, peaked_tiny_v32
 UNSAFE = not sandbox_available()[0]  # our own test environment's code is trusted; the sandbox is used when it works
 TOK = byte_tokenizer()
 
-TOOLS_PY = '''
-PRICES = {"apples": 3, "pears": 5}
-
-
-def get_price(item: str) -> int:
-    """Price of one item in EUR.
-
-    Args:
-        item: the item's name
-    """
-    if item not in PRICES:
-        raise ValueError(f"no item named {item!r}")
-    return PRICES[item]
-
-
-def list_items() -> list[str]:
-    """All the item names."""
-    return sorted(PRICES)
-'''
-
-TASK = {"id": "shop-0", "prompt": "What do two apples cost in EUR?", "difficulty": 1,
-        "solution": "answer = 2 * get_price('apples')", "answer": 6, "answer_schema": {"type": "integer"},
-        "verifier": "from checks import check\n\ndef verify(answer):\n    return check(answer, 6, 'number')\n"}
-
-
 @pytest.fixture(scope="module")
 def env_dir(tmp_path_factory) -> Path:
-    """A one-task environment in the layout `dsv32 synth` writes (tools.py, env.json, checks.py, tasks.jsonl)."""
-    path = tmp_path_factory.mktemp("envs") / "shop-0000"
-    path.mkdir()
-    (path / "tools.py").write_text(TOOLS_PY)
-    shutil.copyfile(CHECKS_SOURCE, path / "checks.py")
-    meta = {"category": "shop", "seed": 0, "tools": schemas_from_source(TOOLS_PY), "submit_tool": SUBMIT_TOOL}
-    (path / "env.json").write_text(json.dumps(meta))
-    (path / "tasks.jsonl").write_text(json.dumps(TASK) + "\n")
-    for p in [path.parent, path, *path.iterdir()]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return path
+    return write_shop_env(tmp_path_factory.mktemp("envs") / "shop-0000")
 
 
 def calls(*pairs: tuple[str, dict]) -> str:
@@ -242,53 +204,6 @@ def test_thinking_retention_matches_the_encoder():
 
 
 # --------------------------------------------------------------------------------------- scripted endpoint
-
-
-class FakeEndpoint:
-    """A real HTTP server speaking OpenAI's chat API with canned replies: `script(request) -> message`."""
-
-    def __init__(self, script, max_model_len: int = 4096, total_tokens=None):
-        self.requests: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._send({"object": "list", "data": [{"id": "fake", "object": "model", "created": 0,
-                                                        "owned_by": "test", "max_model_len": max_model_len}]})
-
-            def do_POST(self):
-                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(req)
-                msg = {"role": "assistant", **script(req)}
-                used = total_tokens(req) if total_tokens else 10 * len(req["messages"])
-                self._send({"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
-                            "choices": [{"index": 0, "message": msg,
-                                         "finish_reason": "tool_calls" if msg.get("tool_calls") else "stop"}],
-                            "usage": {"prompt_tokens": used - 5, "completion_tokens": 5, "total_tokens": used}})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def tc(i: int, name: str, args) -> dict:
-    return {"id": f"c{i}", "type": "function",
-            "function": {"name": name, "arguments": args if isinstance(args, str) else json.dumps(args)}}
 
 
 def by_turn(replies):

@@ -575,6 +575,7 @@ def run_agent(backend: EngineBackend | OpenAIBackend, runtime: ToolRuntime, prom
         if window and used >= window - 1:
             traj.stop = "context"
             break
+        emit("turn", turn)
         try:
             reply = backend.complete(cfg, turn, cfg.thinking)
         except ContextExceeded as e:
