@@ -119,6 +119,7 @@ class Entity:
     labels: dict[str, str] = field(default_factory=dict)   # categorical column -> phrase (equality filters)
     list_tool: str = ""                          # default list_<plural>_by_<scope>
     info_tool: str = ""                          # default get_<noun>_info
+    additive: tuple[str, ...] = ()               # numeric columns whose sum means something (prices, pages)
 
     @property
     def lister(self) -> str:
@@ -199,6 +200,12 @@ def query_task(rng: random.Random, e: Entity, rows: list[dict], level: int) -> T
     what = e.numbers[col]
     ops = {1: ["min", "max", "count"], 2: ["min", "max", "sum", "avg"], 3: ["set", "top2", "sum", "avg", "max"]}
     op = rng.choice(ops[min(level, 3)])
+    if op == "sum":                 # a total of ratings or years means nothing: sum only additive columns
+        summable = [c for c in e.additive if c not in used]
+        if not summable:
+            return None
+        col = rng.choice(summable)
+        what = e.numbers[col]
     vals = [r[col] for r in cand]
     names = sorted(r["name"] for r in cand)
     where = f"the {e.plural} whose {e.scope} is '{scope}'" + "".join(
@@ -218,9 +225,8 @@ def query_task(rng: random.Random, e: Entity, rows: list[dict], level: int) -> T
     if op == "count":
         if len(cand) == len(groups[scope]) and level > 1:
             return None
-        q = f"How many {e.plural} have {e.scope} '{scope}'" + ("" if not phrases else " and are " + ", ".join(
-            phrases)) + "? Answer with a number."
-        q = f"Consider {where}. How many are there? Answer with a number." if phrases else q
+        q = (f"Consider {where}. How many are there? Answer with a number." if phrases
+             else f"How many {e.plural} have {e.scope} '{scope}'? Answer with a number.")
         return exact_task(q, fetch + "answer = len(rows)", len(cand), "number", level, f"{e.table}.count")
     if op == "sum":
         q = f"Consider {where}. What is their total {what}? Answer with a number."

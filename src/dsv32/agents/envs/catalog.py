@@ -11,8 +11,8 @@ from dsv32.agents.envs.names import ADJ, CITIES, NOUN, date, person, price, uniq
 # ------------------------------------------------------------------------------------------------ inventory
 
 PRODUCTS = Entity("products", "product", "products", "category",
-                  {"price": "unit price (EUR)", "stock": "units in stock", "reorder_level": "reorder level"},
-                  {"warehouse": "warehouse"})
+                  {"price": "unit price (EUR)", "stock": "stock (units)", "reorder_level": "reorder level"},
+                  {"warehouse": "warehouse"}, additive=("stock",))
 
 RESTOCK_SOLUTION = """
 names = [n for c in list_categories() for n in list_products_by_category(c)]
@@ -87,7 +87,8 @@ class Inventory(Category):
 # ------------------------------------------------------------------------------------------------ library
 
 BOOKS = Entity("books", "book", "books", "genre", {"year": "publication year", "pages": "page count",
-                                                   "copies": "number of copies owned"}, {"author": "author"})
+                                                   "copies": "number of copies owned"}, {"author": "author"},
+               additive=("pages", "copies"))
 
 LIBRARY_SOLUTION = """
 def available(title):
@@ -197,7 +198,7 @@ class Library(Category):
 
 GADGETS = Entity("gadgets", "product", "products", "category",
                  {"price": "price (EUR)", "weight": "weight (g)", "battery": "battery life (hours)",
-                  "warranty": "warranty (months)"}, {"brand": "brand"})
+                  "warranty": "warranty (months)"}, {"brand": "brand"}, additive=("price", "weight"))
 
 REVIEW_SOLUTION = """
 def stars(name):
@@ -487,7 +488,7 @@ class Weather(Category):
 
 LISTINGS = Entity("listings", "listing", "listings", "district",
                   {"price": "asking price (EUR)", "area": "floor area (m2)", "rooms": "number of rooms",
-                   "built": "construction year"}, {"kind": "property type"})
+                   "built": "construction year"}, {"kind": "property type"}, additive=("price", "area", "rooms"))
 
 PER_M2_SOLUTION = """
 rows = [get_listing_info(n) for n in list_listings_by_district(district)]

@@ -105,7 +105,8 @@ class Calendar(Category):
 # ------------------------------------------------------------------------------------------------ roster
 
 EMPLOYEES = Entity("employees", "employee", "employees", "dept",
-                   {"salary": "annual salary (EUR)", "hired": "hiring year", "age": "age"}, {"role": "role"})
+                   {"salary": "annual salary (EUR)", "hired": "hiring year", "age": "age"}, {"role": "role"},
+                   additive=("salary",))
 
 HOURS_SOLUTION = """
 names = [employee] if employee is not None else list_employees_by_dept(dept)

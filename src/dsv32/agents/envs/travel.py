@@ -170,7 +170,11 @@ class Trains(_Routes):
 
 MUSEUMS = Entity("museums", "museum", "museums", "city",
                  {"adult": "adult ticket price (EUR)", "child": "child ticket price (EUR)",
-                  "senior": "senior ticket price (EUR)"}, {"closed_day": "weekly closing day"})
+                  "senior": "senior ticket price (EUR)"}, {"closed_day": "weekly closing day"}, additive=())
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}" if k == 1 else f"{k} {'children' if noun == 'child' else noun + 's'}"
+
 
 GROUP_SOLUTION = """
 m = get_museum_info(museum)
@@ -258,7 +262,8 @@ class Museums(Category):
             e = rng.choice([e for e in data["exhibitions"] if e["museum"] == m["name"]])
             exh = e["title"]
             total += sum(g.values()) * e["surcharge"]
-        who = f"{g['adults']} adults, {g['children']} children" + (f" and {g['seniors']} seniors" if level > 1 else "")
+        who = f"{_n(g['adults'], 'adult')}, {_n(g['children'], 'child')}" + (
+            f" and {_n(g['seniors'], 'senior')}" if level > 1 else "")
         extra = f", all visiting the exhibition '{exh}' (its surcharge is per visitor)" if exh else ""
         prompt = f"What do tickets for {who} at the {m['name']} cost in total{extra}? Answer with a number in EUR."
         return exact_task(prompt, code({"museum": m["name"], **g, "exhibition": exh}, GROUP_SOLUTION),
@@ -282,9 +287,10 @@ class Museums(Category):
         costs.sort()
         if len(costs) < 2 or costs[0][0] == costs[1][0]:
             return None
-        prompt = (f"On {day} ({weekday}) a group of {g['adults']} adults, {g['children']} children and "
-                  f"{g['seniors']} seniors wants to visit one museum in {city} that is open that day and shows at "
-                  "least one exhibition on that date; each visitor pays the museum's ticket plus the surcharge of "
-                  "the cheapest exhibition showing. Which museum is cheapest for the group? Answer with its name.")
+        prompt = (f"On {day} ({weekday}) a group of {_n(g['adults'], 'adult')}, {_n(g['children'], 'child')} and "
+                  f"{_n(g['seniors'], 'senior')} wants to visit one museum in {city} that is open that day and "
+                  "shows at least one exhibition on that date; each visitor pays the museum's ticket plus the "
+                  "surcharge of the cheapest exhibition showing. Which museum is cheapest for the group? Answer "
+                  "with its name.")
         params = {"city": city, "day": day, "weekday": weekday, **g}
         return exact_task(prompt, code(params, CHEAPEST_SOLUTION), costs[0][1], "text", level, "museums.cheapest")

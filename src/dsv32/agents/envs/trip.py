@@ -12,13 +12,13 @@ from dsv32.agents.envs.base import Category, Entity, Task, code
 from dsv32.agents.envs.names import CITIES, adj_noun, date, price, unique
 
 HOTELS = Entity("hotels", "hotel", "hotels", "city", {"price": "price per night (CNY)", "rating": "rating"},
-                {"stars": "star class"}, "get_all_hotels_by_city", "get_infos_by_hotel")
+                {"stars": "star class"}, "get_all_hotels_by_city", "get_infos_by_hotel", additive=("price",))
 RESTAURANTS = Entity("restaurants", "restaurant", "restaurants", "city",
                      {"avg_cost": "average cost per person (CNY)", "rating": "rating"}, {"cuisine": "cuisine"},
-                     "get_all_restaurants_by_city", "get_infos_by_restaurant")
+                     "get_all_restaurants_by_city", "get_infos_by_restaurant", additive=("avg_cost",))
 ATTRACTIONS = Entity("attractions", "attraction", "attractions", "city",
                      {"ticket": "ticket price (CNY)", "rating": "rating"}, {"kind": "kind"},
-                     "get_all_attractions_by_city", "get_infos_by_attraction")
+                     "get_all_attractions_by_city", "get_infos_by_attraction", additive=("ticket",))
 
 PLAN_SOLUTION = """
 def hop(a, b):
