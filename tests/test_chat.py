@@ -19,6 +19,7 @@ from dsv32.chat import (
     IM_END,
     ChatFormatError,
     ChatView,
+    check_tokenizer,
     encode_chat,
     held_suffix,
     parse_completion,
@@ -448,9 +449,96 @@ def test_chatml_rendering() -> None:
     full = [*msgs, {"role": "assistant", "content": "Hello there"}]
     assert render_chat_text(full, family="chatml").endswith("<|im_start|>assistant\nHello there<|im_end|>\n")
     assert render_chat_text(msgs, family="chatml", add_generation_prompt=False).endswith("Hi<|im_end|>\n")
-    with pytest.raises(ChatFormatError, match="tools"):
-        render_chat(msgs, family="chatml", tools=TOOLS)
     assert parse_completion("Hello<|im_end|>", family="chatml")["content"] == "Hello"
+
+
+# Expected ChatML-with-tools text, written from Qwen2.5-Instruct's chat template. Checked once, byte for byte,
+# against that template rendered by transformers' Jinja environment (388 random conversations with tools,
+# multi-call turns, content beside calls, consecutive tool results); the template is not copied here.
+QWEN_SYSTEM = (
+    "<|im_start|>system\nYou are a concise assistant.\n\n# Tools\n\nYou may call one or more functions to assist "
+    "with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    + "\n".join(json.dumps(t, ensure_ascii=False) for t in TOOLS)
+    + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call><|im_end|>\n"
+)
+QWEN_TURNS = (
+    "<|im_start|>user\nWhat time is it in Tokyo, and what is 12.5 USD in yen?<|im_end|>\n"
+    '<|im_start|>assistant\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "Asia/Tokyo"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "convert", "arguments": {"amount": 12.5, "to": "JPY", "round": true}}\n</tool_call>'
+    "<|im_end|>\n<|im_start|>user\n<tool_response>\n2025-01-02T09:00:00+09:00\n</tool_response>\n<tool_response>\n"
+    '{"value": 1875, "currency": "JPY"}\n</tool_response><|im_end|>\n'
+    "<|im_start|>assistant\nIt is 09:00 in Tokyo; 12.5 USD is about 1875 JPY.<|im_end|>\n"
+    "<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\nYou're welcome.<|im_end|>\n"
+)
+
+
+def test_chatml_tools_match_qwen25_template() -> None:
+    text = render_chat_text(conversation(), tools=TOOLS, family="chatml")
+    assert text == QWEN_SYSTEM + QWEN_TURNS
+    # content beside a call: "\n" + content, then "\n<tool_call>..."
+    msgs = [{"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [_call("get_time", {"tz": "UTC"}, "a")]}]
+    assert render_chat_text(msgs, tools=TOOLS, family="chatml").endswith(
+        '<|im_start|>assistant\nChecking.\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n'
+        "</tool_call><|im_end|>\n"
+    )
+    # no system message: no default identity line is invented, the turn starts with the section
+    bare = render_chat_text([{"role": "user", "content": "Hi"}], tools=TOOLS[:1], family="chatml")
+    assert bare.startswith("<|im_start|>system\n# Tools\n\nYou may call")
+    # bare function schemas are wrapped as OpenAI tool entries
+    assert render_chat_text(msgs[:1], tools=[TOOLS[0]["function"]], family="chatml") == bare
+    rf = render_chat_text(msgs[:1], response_format={"type": "object"}, family="chatml")
+    assert rf.startswith('<|im_start|>system\n# Response format\n\n') and '{"type": "object"}<|im_end|>' in rf
+    with pytest.raises(ChatFormatError, match="without a preceding assistant tool call"):
+        render_chat([{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}], family="chatml")
+
+
+def test_chatml_tool_calls_parse_and_mask(chatml_tok: Tokenizer) -> None:
+    turn = conversation()[2]
+    completion = render_chat_text([turn], family="chatml", add_generation_prompt=False)
+    completion = completion.removeprefix("<|im_start|>assistant\n").removesuffix("\n")
+    msg = parse_completion(completion, family="chatml")
+    assert msg["content"] == "" and [c["function"]["name"] for c in msg["tool_calls"]] == ["get_time", "convert"]
+    assert [json.loads(c["function"]["arguments"]) for c in msg["tool_calls"]] == [
+        json.loads(c["function"]["arguments"]) for c in turn["tool_calls"]]
+    with_text = parse_completion('Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": [1]}}\n</tool_call>',
+                                 family="chatml")
+    assert with_text["content"] == "Sure." and with_text["tool_calls"][0]["function"]["arguments"] == '{"a": [1]}'
+    for bad, match in [("<tool_call>\n{oops}\n</tool_call>", "not valid JSON"), ("<tool_call>\n{}", "unclosed"),
+                       ('<tool_call>\n{"arguments": {}}\n</tool_call>', "name"),
+                       ('<tool_call>\n{"name": "f", "arguments": 3}\n</tool_call>', "JSON object"),
+                       ('<tool_call>\n{"name": "f"}\n</tool_call> trailing', "unexpected text")]:
+        with pytest.raises(ChatFormatError, match=match):
+            parse_completion(bad, family="chatml")
+    msgs = conversation()[1:]
+    ids, mask = encode_chat(msgs, tools=TOOLS, family="chatml", tokenizer=chatml_tok)
+    assert ids == chatml_tok.encode(render_chat_text(msgs, tools=TOOLS, family="chatml"))
+    produced = chatml_tok.decode([i for i, m in zip(ids, mask) if m])
+    assert produced.startswith("<tool_call>\n") and produced.endswith("You're welcome.<|im_end|>")
+    assert "<tool_response>" not in produced
+
+
+def test_chat_view_streams_chatml_tool_calls() -> None:
+    text = 'Let me see.\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "<tool_call>"}}\n</tool_call><|im_end|>'
+    view, content = ChatView(thinking=False, family="chatml"), ""
+    for k in range(1, len(text) + 1):
+        _, dc = view.deltas(text[:k], final=k == len(text))
+        content += dc
+        assert "<tool" not in content and not content.endswith("\n")
+    final = view.message(text)
+    assert content == final["content"] == "Let me see."
+    assert json.loads(final["tool_calls"][0]["function"]["arguments"]) == {"tz": "<tool_call>"}
+
+
+def test_check_tokenizer(tok: Tokenizer, chatml_tok: Tokenizer) -> None:
+    check_tokenizer("deepseek-v3.2", tok)
+    check_tokenizer("chatml", chatml_tok)
+    with pytest.raises(ValueError, match="<｜User｜>"):
+        check_tokenizer("deepseek-v3.2", chatml_tok)
+    with pytest.raises(ValueError, match=r"<\|im_start\|>"):
+        check_tokenizer("chatml", tok)
 
 
 def test_chatml_mask(chatml_tok: Tokenizer) -> None:

@@ -76,6 +76,25 @@ Available functions, one JSON Schema per line:
 
 _RESPONSE_FORMAT = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n{schema}"
 
+# ChatML tool convention (models whose own template defines no tool format, e.g. SmolLM2): Qwen2.5's, byte for
+# byte. The two instruction sentences are Qwen's prompt text kept verbatim on purpose: a model fine-tuned on
+# this (Hermes-style) format recognises it only as written. See docs/chat-format.md.
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+_CHATML_TOOLS_HEAD = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_CHATML_TOOLS_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call>"
+)
+# Our own wording (ChatML has no response-format convention of its own).
+_CHATML_RESPONSE_FORMAT = (
+    "# Response format\n\nReply with JSON only: one value that follows this JSON Schema.\n{schema}"
+)
+
 
 class ChatFormatError(ValueError):
     """A conversation that cannot be rendered, or a completion that does not parse."""
@@ -170,9 +189,7 @@ def render_chat(
     """
     fam = _family(family)
     if fam == "chatml":
-        if tools or response_format is not None:
-            raise ChatFormatError("the ChatML family has no tools or response_format section")
-        return _merge(_render_chatml(messages, add_generation_prompt))
+        return _merge(_render_chatml(messages, tools, response_format, add_generation_prompt))
     return _merge(_render_dsv32(messages, tools, thinking, response_format, drop_thinking))
 
 
@@ -276,18 +293,73 @@ def _render_dsv32(
     return segs
 
 
-def _render_chatml(messages: Sequence[Message], add_generation_prompt: bool) -> list[Segment]:
+def render_chatml_tools(tools: Sequence[Mapping[str, Any]]) -> str:
+    """ChatML's `# Tools` section: one OpenAI tool entry per line as JSON (bare function schemas are wrapped
+    as `{"type": "function", "function": ...}`), then the call format."""
+    lines = []
+    for t in tools:
+        entry = t if isinstance(t, Mapping) and "function" in t else {"type": "function", "function": t}
+        fn = entry.get("function")
+        if not isinstance(fn, Mapping) or not fn.get("name"):
+            raise ChatFormatError(f"tool without a function name: {t!r}")
+        lines.append(_json(entry))
+    return _CHATML_TOOLS_HEAD + "".join("\n" + line for line in lines) + _CHATML_TOOLS_TAIL
+
+
+def render_chatml_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
+    """`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` per call, joined by newlines."""
+    blocks = []
+    for call in tool_calls:
+        name, args = _call_arguments(call)
+        blocks.append(f'{TOOL_CALL_OPEN}\n{{"name": "{name}", "arguments": {_json(args)}}}\n{TOOL_CALL_CLOSE}')
+    return "\n".join(blocks)
+
+
+def _render_chatml(
+    messages: Sequence[Message],
+    tools: Sequence[Mapping[str, Any]] | None,
+    response_format: Any,
+    add_generation_prompt: bool,
+) -> list[Segment]:
+    """ChatML turns; tools and tool results in Qwen2.5's layout (docs/chat-format.md). Unlike Qwen's template,
+    no default system prompt is invented: without a system message the system turn holds only the sections."""
+    msgs = list(messages)
+    system: str | None = None
+    if msgs and msgs[0].get("role") == "system" and (tools or response_format is not None):
+        system, msgs = _text(msgs[0].get("content")), msgs[1:]
     segs: list[Segment] = []
-    for i, m in enumerate(messages):
-        role = m.get("role")
+    if tools or response_format is not None:
+        parts = [system] if system else []
+        if response_format is not None:
+            parts.append(_CHATML_RESPONSE_FORMAT.format(schema=_json(response_format)))
+        if tools:
+            parts.append(render_chatml_tools(tools))
+        segs.append((f"{IM_START}system\n" + "\n\n".join(parts) + IM_END + "\n", False))
+    offset = len(messages) - len(msgs)
+    calls_open = False  # the previous assistant turn made tool calls (tool results may follow)
+    for k, m in enumerate(msgs):
+        i, role = k + offset, m.get("role")
         if role not in ("system", "user", "assistant", "tool", "developer"):
             raise ChatFormatError(f"message {i}: unknown role {role!r}")
-        if m.get("tool_calls"):
-            raise ChatFormatError(f"message {i}: the ChatML family has no tool-call format")
-        segs.append((f"{IM_START}{role}\n", False))
         content = _text(m.get("content"))
+        if role == "tool":
+            if not calls_open:
+                raise ChatFormatError(f"message {i}: tool result without a preceding assistant tool call")
+            first = k == 0 or msgs[k - 1].get("role") != "tool"
+            last = k == len(msgs) - 1 or msgs[k + 1].get("role") != "tool"
+            text = (f"{IM_START}user" if first else "") + f"\n<tool_response>\n{content}\n</tool_response>"
+            segs.append((text + (IM_END + "\n" if last else ""), False))
+            continue
+        calls = m.get("tool_calls") or []
+        calls_open = bool(calls) if role == "assistant" else False
+        segs.append((f"{IM_START}{role}\n", False))
         if role == "assistant":
-            segs += [(content + IM_END, True), ("\n", False)]
+            body = content
+            if calls:
+                body += ("\n" if content else "") + render_chatml_tool_calls(calls)
+            segs += [(body + IM_END, True), ("\n", False)]
+        elif calls:
+            raise ChatFormatError(f"message {i}: only assistant messages may carry tool_calls")
         else:
             segs.append((content + IM_END + "\n", False))
     if add_generation_prompt and (not messages or messages[-1].get("role") != "assistant"):
@@ -350,7 +422,14 @@ def parse_completion(text: str, *, thinking: bool = False, family: str = "deepse
     """
     if _family(family) == "chatml":
         body = text.removesuffix(IM_END)
-        return {"role": "assistant", "content": body, "reasoning_content": None, "tool_calls": []}
+        if IM_END in body:
+            raise ChatFormatError(f"text continues after {IM_END}")
+        start = body.find(TOOL_CALL_OPEN)
+        if start < 0:
+            return {"role": "assistant", "content": body, "reasoning_content": None, "tool_calls": []}
+        content = body[:start].removesuffix("\n")
+        return {"role": "assistant", "content": content, "reasoning_content": None,
+                "tool_calls": _parse_chatml_calls(body, start)}
 
     body = text.removesuffix(EOS)
     if EOS in body:
@@ -436,6 +515,45 @@ def _parse_calls(s: str, pos: int) -> tuple[list[dict[str, Any]], int]:
         )
 
 
+def _parse_chatml_calls(s: str, pos: int) -> list[dict[str, Any]]:
+    """`<tool_call>` blocks from ``pos`` to the end: each holds one JSON object `{"name", "arguments"}`."""
+    calls: list[dict[str, Any]] = []
+    while True:
+        pos = _WS.match(s, pos).end()
+        if pos >= len(s):
+            return calls
+        if not s.startswith(TOOL_CALL_OPEN, pos):
+            raise ChatFormatError(f"unexpected text after the tool calls: {s[pos : pos + 40]!r}")
+        end = s.find(TOOL_CALL_CLOSE, pos)
+        if end < 0:
+            raise ChatFormatError(f"unclosed {TOOL_CALL_OPEN} block")
+        raw = s[pos + len(TOOL_CALL_OPEN) : end]
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ChatFormatError(f"tool call is not valid JSON ({e}): {raw.strip()[:60]!r}") from e
+        name = obj.get("name") if isinstance(obj, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise ChatFormatError(f'tool call without a "name": {raw.strip()[:60]!r}')
+        args = obj.get("arguments", {})
+        if not isinstance(args, dict):
+            raise ChatFormatError(f"tool call {name!r}: arguments must be a JSON object, got {type(args).__name__}")
+        calls.append({"id": f"call_{len(calls)}", "type": "function",
+                      "function": {"name": name, "arguments": _json(args)}})
+        pos = end + len(TOOL_CALL_CLOSE)
+
+
+def check_tokenizer(family: str, tokenizer: Tokenizer) -> None:
+    """Raise ValueError when ``tokenizer`` cannot carry ``family``'s format: its turn markers must be single
+    added tokens (a server checks this once at start-up rather than failing every request)."""
+    fam = _family(family)
+    markers = (BOS, EOS, USER, ASSISTANT, DSML) if fam == "deepseek-v3.2" else (IM_START, IM_END)
+    missing = [m for m in markers if tokenizer.token_to_id(m) is None]
+    if missing:
+        raise ValueError(f"chat format {fam!r} needs the marker token(s) {', '.join(missing)}, which this "
+                         "tokenizer lacks; choose the format the model was trained on (--chat-format auto)")
+
+
 # ------------------------------------------------------------------------------------------ streaming
 
 
@@ -458,6 +576,7 @@ class ChatView:
     (tool calls included). The server streams through this; parsing rules live in `parse_completion`."""
 
     CALLS = (CALLS_OPEN, "\n\n" + CALLS_OPEN)
+    CHATML_HOLD = (IM_END, TOOL_CALL_OPEN, "\n" + TOOL_CALL_OPEN)
 
     def __init__(self, *, thinking: bool, family: str) -> None:
         self.thinking, self.family = thinking, _family(family)
@@ -467,7 +586,10 @@ class ChatView:
         """-> (reasoning, content) that can be shown now (everything when ``final``)."""
         if self.family == "chatml":
             body = text.removesuffix(IM_END)
-            return "", body if final else body[: len(body) - held_suffix(body, (IM_END,))]
+            k = body.find(TOOL_CALL_OPEN)
+            if k >= 0:
+                return "", body[:k].removesuffix("\n")
+            return "", body if final else body[: len(body) - held_suffix(body, self.CHATML_HOLD)]
         reasoning, body = "", text
         if self.thinking:
             reasoning, sep, body = text.removeprefix(THINK).partition(END_THINK)
@@ -500,5 +622,5 @@ class ChatView:
         reasoning, content = None, text
         if self.thinking:
             reasoning, _, content = text.removeprefix(THINK).partition(END_THINK)
-        return {"role": "assistant", "content": content.removesuffix(EOS), "reasoning_content": reasoning,
-                "tool_calls": []}
+        return {"role": "assistant", "content": content.removesuffix(EOS).removesuffix(IM_END),
+                "reasoning_content": reasoning, "tool_calls": []}
