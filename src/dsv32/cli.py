@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dsv32.evals:cli_main", "evaluations: ppl, passkey"),
     "sparsify": ("dsv32.train.sparsify:cli_main", "convert a dense model to DSA (warm-up, sparse stage)"),
     "serve": ("dsv32.server:cli_main", "OpenAI-compatible HTTP server"),
+    "synth": ("dsv32.agents.synth:cli_main", "synthesize agent environments (tools, tasks, verifiers)"),
     "agent": ("dsv32.agents.cli:cli_main", "run a model on an environment task with tools; print the transcript"),
 }
 
