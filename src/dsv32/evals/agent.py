@@ -13,7 +13,8 @@ one invalid call), tool calls and generated tokens per trajectory, and how traje
 Function calling (`--bfcl N`, N cases per category): single-turn cases built from generated function schemas,
 scored by matching the calls (name and argument values; strings case- and space-insensitive, numbers by
 value): `simple` (one function offered, one call), `multiple` (one right function among four), `parallel`
-(two calls in one reply) and `irrelevance` (no offered function fits: the right reply has no call).
+(two calls in one reply) and `irrelevance` (no offered function fits: the right reply has no call). A reply
+cut off by `--max-tokens` fails its case.
 """
 
 from __future__ import annotations
@@ -254,7 +255,8 @@ def eval_bfcl(session: Session, cfg: AgentConfig, n: int, *, seed: int = 0, log=
                 got.append({"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")})
             except ValueError:
                 got.append({"name": c["function"]["name"], "arguments": {}})
-        ok = reply.parse_error is None and calls_match(got, case["expected"])
+        # a reply cut off at max_tokens never finished (and would pass `irrelevance` by saying nothing)
+        ok = reply.parse_error is None and reply.finish_reason != "length" and calls_match(got, case["expected"])
         results[case["category"]].append(ok)
         if len(examples) < 8:
             examples.append({"category": case["category"], "query": case["query"], "expected": case["expected"],
