@@ -288,7 +288,6 @@ def test_chatml_family(make_client):
     r = c.post("/v1/chat/completions", json=chat_body()).json()
     assert r["choices"][0]["message"]["content"] == "Hi from ChatML"
     assert c.post("/v1/chat/completions", json=chat_body(thinking={"type": "enabled"})).status_code == 400
-    assert c.post("/v1/chat/completions", json=chat_body(tools=TOOLS)).status_code == 400
 
 
 # ----------------------------------------------------------------------------------- completions
@@ -504,3 +503,186 @@ def test_dsv32_serve_drains_on_sigterm(tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------- prompt scoring, tokenizer endpoints, parameters
+
+
+@pytest.fixture(scope="module")
+def tiny_app():
+    """The real tiny V3.2 model (peaked weights: greedy choices far from ties) behind the byte tokenizer."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny").replace(vocab_size=TOK.vocab_size)).eval()
+    with torch.no_grad():  # every id decodes to text; weights as in serving_fakes.peaked_tiny_v32
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.15)
+            elif "bias" not in name:
+                p.normal_(1.0, 0.1)
+    app = create_app(model, TOK, model_name="tiny", max_slots=4, max_len=128, prefill_chunk=16)
+    yield app, model
+    app.state.engine.shutdown()
+
+
+def _full_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.forward(torch.tensor([ids])).log_softmax(-1)[0]  # [S, V]
+
+
+def test_echo_logprobs_score_the_prompt(tiny_app):
+    """`echo` + `logprobs` with `max_tokens` 0 (and 1, as lm-eval asks): OpenAI's legacy shape for the prompt
+    tokens (null first), equal to a full forward; text and token-id prompts batched in one request."""
+    app, model = tiny_app
+    c = TestClient(app)
+    text = "The cat sat on the mat, the end."
+    ids_text = [TOK.bos_id, *TOK.encode(text)]  # the V3.2 family puts BOS in front of a text prompt
+    ids_tok = TOK.encode("Another prompt, given as ids.")
+    body = {"model": "tiny", "prompt": [text], "echo": True, "logprobs": 2, "max_tokens": 0}
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    ch = r.json()["choices"][0]
+    assert ch["text"] == text and ch["finish_reason"] == "length"
+    lp = ch["logprobs"]
+    ref = _full_logprobs(model, ids_text)
+    assert lp["tokens"] == [TOK.decode([t]) for t in ids_text]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = ref[:-1].gather(-1, torch.tensor(ids_text[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-5, rtol=0)
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids_text))]
+    for i in range(1, len(ids_text)):
+        top = lp["top_logprobs"][i]
+        best = ref[i - 1].topk(2)
+        assert {TOK.decode([int(t)]) for t in best.indices} | {lp["tokens"][i]} == set(top)
+        assert max(top.values()) == pytest.approx(float(best.values[0]), abs=1e-5)
+    # batched: a text prompt and a token-id prompt; max_tokens=1 scores the prompt and samples one token
+    body = {"model": "tiny", "prompt": [ids_text, ids_tok], "echo": True, "logprobs": 1, "max_tokens": 1,
+            "temperature": 0}
+    out = c.post("/v1/completions", json=body).json()["choices"]
+    for ch, ids in zip(out, (ids_text, ids_tok)):
+        ref = _full_logprobs(model, ids)
+        toks = ch["logprobs"]["token_logprobs"]
+        assert len(toks) == len(ids) + 1 and toks[0] is None
+        want = ref[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(toks[1 : len(ids)]), want, atol=1e-5, rtol=0)
+        assert toks[-1] == pytest.approx(float(ref[-1].max()), abs=1e-5)  # greedy: the arg-max
+    # streamed: the echo chunk carries the prompt's logprobs
+    ev = sse(c.post("/v1/completions", json={**body, "prompt": ids_tok, "stream": True}).text)
+    assert ev[0]["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        out[1]["logprobs"]["token_logprobs"][1 : len(ids_tok)], abs=1e-5)
+
+
+def test_prompt_logprobs_extension(tiny_app):
+    """vLLM's `prompt_logprobs` on chat and completions: {id: {logprob, rank, decoded_token}} per position."""
+    app, model = tiny_app
+    c = TestClient(app)
+    ids = TOK.encode("score me")
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": ids, "prompt_logprobs": 1, "max_tokens": 1}).json()
+    plp = r["choices"][0]["prompt_logprobs"]
+    ref = _full_logprobs(model, ids)
+    assert plp[0] is None and len(plp) == len(ids)
+    for i in range(1, len(ids)):
+        e = plp[i][str(ids[i])]
+        assert e["logprob"] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-5)
+        assert e["rank"] == int((ref[i - 1] > ref[i - 1, ids[i]]).sum()) + 1
+        assert {v["rank"] for v in plp[i].values()} >= {1}
+    r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": USER, "prompt_logprobs": 0, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["prompt_logprobs"][0] is None
+    assert len(r.json()["prompt_logprobs"]) == r.json()["usage"]["prompt_tokens"]
+    r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": USER, "prompt_logprobs": 0, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_sampling_parameters_reach_the_engine(tiny_app):
+    """logit_bias, the penalties, min_tokens and repetition_penalty over HTTP give exactly what the engine gives
+    with the same SamplingParams (the engine's processing is tested against a reference in test_engine)."""
+    from dsv32.engine import SamplingParams
+
+    app, model = tiny_app
+    c = TestClient(app)
+    ids = TOK.encode("penalties")
+    eng = app.state.engine
+    plain = eng.generate(ids, SamplingParams(max_tokens=8, temperature=0)).sequences[0].tokens
+    cases = [
+        ({"logit_bias": {str(plain[0]): -100}}, dict(logit_bias={plain[0]: -100.0})),
+        ({"logit_bias": {"65": 100}}, dict(logit_bias={65: 100.0})),
+        ({"logit_bias": {"66": 6}, "presence_penalty": 1.5, "frequency_penalty": 0.5},
+         dict(logit_bias={66: 6.0}, presence_penalty=1.5, frequency_penalty=0.5)),
+        ({"logit_bias": {"66": 6}, "repetition_penalty": 1.7}, dict(logit_bias={66: 6.0}, repetition_penalty=1.7)),
+        ({"stop_token_ids": [plain[1]], "min_tokens": 3}, dict(stop_token_ids=(plain[1],), min_tokens=3)),
+    ]
+    for fields, kw in cases:
+        body = {"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True, **fields}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        want = eng.generate(ids, SamplingParams(max_tokens=8, temperature=0, **kw)).sequences[0].tokens
+        assert want != plain and r.json()["choices"][0]["text"] == TOK.decode(want), fields
+    a = TOK.encode("A")[0]
+    assert c.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 4, "temperature": 0,
+                                          "logit_bias": {str(a): 100}}).json()["choices"][0]["text"] == "AAAA"
+
+
+def test_unsupported_parameters_are_named(make_client):
+    c = make_client("ok")
+    ok = c.post("/v1/chat/completions", json=chat_body(metadata={"k": "v"}, store=False, user="u1",
+                                                       safety_identifier="s", prompt_cache_key="k"))
+    assert ok.status_code == 200, ok.text
+    for field, value in (("functions", []), ("audio", {}), ("modalities", ["text"]), ("prediction", {}),
+                         ("web_search_options", {}), ("guided_json", {}), ("temprature", 0.5)):
+        r = c.post("/v1/chat/completions", json=chat_body(**{field: value}))
+        assert r.status_code == 400 and r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+    r = c.post("/v1/completions", json={"model": "test-model", "prompt": "x", "logit_bias": {"x": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    for bias in ({"99999": 1}, {"5": 101}, {"-1": 1}):
+        r = c.post("/v1/completions", json={"model": "test-model", "prompt": "x", "logit_bias": bias})
+        assert r.status_code == 400
+    r = c.post("/v1/completions", json={"model": "test-model", "prompt": "x", "bogus": 1})
+    assert r.json()["error"]["param"] == "bogus" and r.json()["error"]["code"] == "unsupported_parameter"
+
+
+def test_reasoning_effort_maps_to_thinking(make_client):
+    c = make_client("Because.")
+    r = c.post("/v1/chat/completions", json=chat_body(reasoning_effort="high")).json()
+    assert "reasoning_content" in r["choices"][0]["message"]  # thinking on
+    r = c.post("/v1/chat/completions", json=chat_body(reasoning_effort="none")).json()
+    assert "reasoning_content" not in r["choices"][0]["message"]
+    r = c.post("/v1/chat/completions", json=chat_body(reasoning_effort="low", thinking={"type": "disabled"}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
+    assert c.post("/v1/chat/completions", json=chat_body(reasoning_effort="extreme")).status_code == 400
+    cm = make_client("Hi", tok=byte_tokenizer("chatml"), family="chatml")
+    assert cm.post("/v1/chat/completions", json=chat_body(reasoning_effort="minimal")).status_code == 200
+    r = cm.post("/v1/chat/completions", json=chat_body(reasoning_effort="medium"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
+
+
+def test_tokenizer_endpoints(make_client):
+    """vLLM's /tokenizer_info, /tokenize (text or messages) and /detokenize, behind the same key."""
+    c = make_client("ok", api_key="k")
+    auth = {"Authorization": "Bearer k"}
+    assert c.get("/tokenizer_info").status_code == 401
+    assert c.post("/tokenize", json={"prompt": "x"}).status_code == 401
+    info = c.get("/tokenizer_info", headers=auth).json()
+    assert info["eos_token"] == TOK.eos_token and info["bos_token"] == TOK.bos_token
+    assert info["model_max_length"] == 3072 and info["add_bos_token"] is True
+    r = c.post("/tokenize", json={"prompt": "héllo", "add_special_tokens": False}, headers=auth).json()
+    assert r == {"count": len(TOK.encode("héllo")), "max_model_len": 3072, "tokens": TOK.encode("héllo"),
+                 "token_strs": None}
+    r = c.post("/tokenize", json={"model": "test-model", "prompt": "hi"}, headers=auth).json()
+    assert r["tokens"] == [TOK.bos_id, *TOK.encode("hi")]  # what /v1/completions prefills for "hi"
+    chat_ids = c.post("/tokenize", json={"messages": USER}, headers=auth).json()
+    usage = c.post("/v1/chat/completions", json=chat_body(), headers=auth).json()["usage"]
+    assert chat_ids["count"] == usage["prompt_tokens"]
+    cm = make_client("ok", tok=byte_tokenizer("chatml"), family="chatml")
+    gen, no_gen = (cm.post("/tokenize", json={"messages": USER, "add_generation_prompt": g}).json()
+                   for g in (True, False))
+    assert no_gen["count"] == gen["count"] - len(byte_tokenizer("chatml").encode(f"{chat.IM_START}assistant\n"))
+    ids = TOK.encode("round trip ✓")
+    assert c.post("/detokenize", json={"tokens": ids}, headers=auth).json() == {"prompt": "round trip ✓"}
+    for path, body in (("/detokenize", {"tokens": [10**6]}), ("/detokenize", {"tokens": "x"}),
+                       ("/tokenize", {}), ("/tokenize", {"prompt": "x", "extra": 1}),
+                       ("/tokenize", {"messages": [{"role": "robot"}]})):
+        r = c.post(path, json=body, headers=auth)
+        assert r.status_code == 400, (path, body, r.text)
+    assert c.post("/tokenize", json={"model": "nope", "prompt": "x"}, headers=auth).status_code == 404
+    r = c.post("/tokenize", content=b"prompt=x", headers={**auth, "Content-Type": "text/plain"})
+    assert r.status_code == 415

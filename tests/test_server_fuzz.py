@@ -42,7 +42,13 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from dsv32 import chat  # noqa: E402
 from dsv32.serve import create_app  # noqa: E402
-from dsv32.serve.protocol import ChatRequest, CompletionRequest  # noqa: E402
+from dsv32.serve.protocol import (  # noqa: E402
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeRequest,
+)
 from serving_fakes import byte_tokenizer, scripted  # noqa: E402
 
 MODEL = "test-model"
@@ -65,6 +71,9 @@ OPERATIONS = {
     ("GET", "/v1/models/{name}"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("GET", "/tokenizer_info"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
 }
 
 # The request models keep `tool_choice` (as an object), `response_format` and an assistant turn's `tool_calls`
@@ -166,10 +175,17 @@ def request_body(model: type, components: dict[str, Any]) -> dict[str, Any]:
 def fuzz_spec(app) -> dict[str, Any]:
     spec = copy.deepcopy(app.openapi())
     components = spec.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in (("/v1/chat/completions", ChatRequest), ("/v1/completions", CompletionRequest)):
+    for path, model in (("/v1/chat/completions", ChatRequest), ("/v1/completions", CompletionRequest),
+                        ("/detokenize", DetokenizeRequest)):
         op = spec["paths"][path]["post"]
         if "requestBody" not in op:  # see the module docstring: the server reads the body by hand
             op["requestBody"] = request_body(model, components)
+    text, conv = (request_body(m, components) for m in (TokenizeRequest, TokenizeChatRequest))
+    schemas = [b["content"]["application/json"]["schema"] for b in (text, conv)]
+    for js in schemas:  # /tokenize takes either shape
+        js["properties"]["model"] = {"anyOf": [js["properties"]["model"], NULL]}
+    text["content"]["application/json"]["schema"] = {"anyOf": schemas}
+    spec["paths"]["/tokenize"]["post"].setdefault("requestBody", text)
     chat_body, completion_body = (
         spec["paths"][p]["post"]["requestBody"]["content"]["application/json"]["schema"]
         for p in ("/v1/chat/completions", "/v1/completions")

@@ -52,6 +52,7 @@ __all__ = [
     "RequestTooLarge",
     "SamplingParams",
     "SequenceResult",
+    "UnsupportedRequest",
 ]
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
@@ -74,6 +75,11 @@ class EngineOverloaded(EngineError):
 
 class RequestTooLarge(EngineError, ValueError):
     """The request can never fit this engine (prompt longer than a slot, ``n`` above the slot count)."""
+
+
+class UnsupportedRequest(EngineError, ValueError):
+    """The model cannot do what the request asks (prompt log-probabilities need ``return_hidden`` and
+    ``logits_from_hidden`` in the model protocol); the server answers 400."""
 
 
 class EngineClosed(EngineError):
@@ -519,6 +525,11 @@ class Engine:
             )
         if params.n > self.max_slots:
             raise RequestTooLarge(f"n={params.n} exceeds the engine's {self.max_slots} concurrent sequences")
+        if params.prompt_logprobs is not None and not hasattr(self.model, "logits_from_hidden"):
+            raise UnsupportedRequest(
+                f"{type(self.model).__name__} cannot score prompts (prompt log-probabilities need the model "
+                "protocol's return_hidden and logits_from_hidden)"
+            )
         max_tokens = min(params.max_tokens, self.max_len - len(prompt))
         with self._cv:
             if self._closed:

@@ -12,7 +12,8 @@ vocabulary before they reach the engine. Without an API key, requests addressed 
 are refused when the server listens on loopback (DNS rebinding), and so are cross-origin POSTs.
 
 Endpoints: `GET /v1/models`, `GET /v1/models/{name}`, `POST /v1/chat/completions`, `POST /v1/completions`,
-`GET /health`, `GET /` (the chat page, `web/`). Build the app in-process with :func:`create_app`.
+`GET /tokenizer_info`, `POST /tokenize`, `POST /detokenize` (vLLM's), `GET /health`, `GET /` (the chat page,
+`web/`). Build the app in-process with :func:`create_app`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -44,9 +46,11 @@ from dsv32.engine import (
     EngineClosed,
     EngineOverloaded,
     Output,
+    PromptLogprobs,
     RequestHandle,
     RequestTooLarge,
     SamplingParams,
+    UnsupportedRequest,
 )
 from dsv32.serve.protocol import (
     MAX_BODY_BYTES,
@@ -54,7 +58,10 @@ from dsv32.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     SamplingFields,
+    TokenizeChatRequest,
+    TokenizeRequest,
     bad_request,
     parse,
     read_json_body,
@@ -237,6 +244,8 @@ class ServerState:
 
     def budget(self, prompt_len: int, asked: int | None, param: str = "messages") -> int:
         ctx = self.engine.max_len
+        if asked == 0 and prompt_len <= ctx:  # scoring the prompt only: it may fill the context
+            return 0
         if prompt_len >= ctx:
             raise bad_request(
                 f"This model's maximum context length is {ctx} tokens. However, your prompt has {prompt_len} "
@@ -279,6 +288,8 @@ class ServerState:
             raise APIError(503, "The server is shutting down.", type="server_error", code="unavailable") from None
         except RequestTooLarge as e:
             raise bad_request(str(e), code="context_length_exceeded") from None
+        except UnsupportedRequest as e:
+            raise bad_request(str(e), param="logprobs") from None
 
     def logprob_entry(self, out: Output) -> dict[str, Any]:
         def item(t: int, lp: float) -> dict[str, Any]:
@@ -438,11 +449,28 @@ def _content_chars(req: ChatRequest) -> int:
     return total
 
 
-def _chat_prompt(st: ServerState, req: ChatRequest) -> tuple[list[int], str, bool]:
-    """-> (prompt ids, forced completion prefix, thinking). Tokenises: call it in a worker thread."""
+def _thinking(st: ServerState, req: ChatRequest | TokenizeChatRequest) -> bool:
+    """Thinking on or off, from DeepSeek's ``thinking`` or OpenAI's ``reasoning_effort``. V3.2 has one
+    thinking mode, so the effort levels are not told apart: "none" / "minimal" turn it off, the others on."""
     thinking = req.thinking is not None and req.thinking.type == "enabled"
+    effort = req.reasoning_effort
+    if effort is not None:
+        wants = effort not in ("none", "minimal")
+        if req.thinking is not None and wants != thinking:
+            raise bad_request(f"reasoning_effort={effort!r} contradicts thinking={req.thinking.type!r}",
+                              param="reasoning_effort")
+        if wants and st.family == "chatml":
+            raise bad_request(f"this model has no thinking mode (reasoning_effort={effort!r})",
+                              param="reasoning_effort")
+        thinking = wants
     if thinking and st.family == "chatml":
         raise bad_request("this model has no thinking mode", param="thinking")
+    return thinking
+
+
+def _chat_prompt(st: ServerState, req: ChatRequest) -> tuple[list[int], str, bool]:
+    """-> (prompt ids, forced completion prefix, thinking). Tokenises: call it in a worker thread."""
+    thinking = _thinking(st, req)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     choice = req.tool_choice
     forced = ""
@@ -517,15 +545,40 @@ def _completion_prompts(st: ServerState, prompt: Any) -> list[tuple[list[int], s
     return out
 
 
+def _logit_bias(st: ServerState, bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: token ids as strings, biases in [-100, 100]; ids must exist in the model."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key[:32]!r}", param="logit_bias") from None
+        if not 0 <= tid < st.vocab:
+            raise bad_request(f"logit_bias: token id {tid} is outside the model's vocabulary (0..{st.vocab - 1})",
+                              param="logit_bias")
+        if not (math.isfinite(value) and -100 <= value <= 100):
+            raise bad_request(f"logit_bias values must lie in [-100, 100], got {value}", param="logit_bias")
+        out[tid] = float(value)
+    return out
+
+
 def _params(
-    st: ServerState, req: SamplingFields, max_tokens: int, *, thinking: bool, logprobs: bool, top: int
+    st: ServerState,
+    req: SamplingFields,
+    max_tokens: int,
+    *,
+    thinking: bool,
+    logprobs: bool,
+    top: int,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     extra = [int(t) for t in req.stop_token_ids or []]
-    if thinking:  # DeepSeek: temperature / top_p are ignored in thinking mode
-        temperature, top_p, top_k = 1.0, 1.0, 0
+    if thinking:  # DeepSeek: temperature, top_p and the OpenAI penalties are ignored in thinking mode
+        temperature, top_p, top_k, presence, frequency = 1.0, 1.0, 0, 0.0, 0.0
     else:
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p, top_k = req.top_p or 1.0, req.top_k or 0
+        presence, frequency = req.presence_penalty or 0.0, req.frequency_penalty or 0.0
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -536,6 +589,12 @@ def _params(
         stop_token_ids=tuple(sorted((set() if req.ignore_eos else st.stop_ids) | set(extra))),
         logprobs=logprobs,
         top_logprobs=top,
+        prompt_logprobs=prompt_logprobs,
+        min_tokens=req.min_tokens or 0,
+        logit_bias=_logit_bias(st, req.logit_bias),
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=req.repetition_penalty or 1.0,
     )
 
 
@@ -551,12 +610,15 @@ async def _chat(st: ServerState, request: Request) -> Response:
         raise bad_request(f"n={req.n} exceeds this server's {st.engine.max_slots} concurrent sequences", param="n")
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("prompt_logprobs is not available when streaming", param="prompt_logprobs")
     stops = st.stops(req.stop)
     st.check_chars(_content_chars(req), "messages")
     ids, forced, thinking = await asyncio.to_thread(_chat_prompt, st, req)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = st.budget(len(ids), asked)
-    params = _params(st, req, max_tokens, thinking=thinking, logprobs=req.logprobs, top=req.top_logprobs or 0)
+    params = _params(st, req, max_tokens, thinking=thinking, logprobs=req.logprobs, top=req.top_logprobs or 0,
+                     prompt_logprobs=req.prompt_logprobs)
     handle = st.submit(ids, params)
     choices = [
         _Choice(
@@ -608,9 +670,10 @@ async def _chat(st: ServerState, request: Request) -> Response:
             if req.logprobs:
                 lp = {"content": [st.logprob_entry(o) for o in c.token_outputs], "refusal": None}
             result.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": reason})
-        return JSONResponse(
-            {**head, "object": "chat.completion", "choices": result, "usage": _usage([handle], choices)}
-        )
+        body = {**head, "object": "chat.completion", "choices": result, "usage": _usage([handle], choices)}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = _vllm_prompt_logprobs(st, ids, handle.prompt_logprobs, req.prompt_logprobs)
+        return JSONResponse(body)
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -663,8 +726,9 @@ async def _completions(st: ServerState, request: Request) -> Response:
         raise bad_request("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (use n)", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs is not supported", param="echo")
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("prompt_logprobs is not available when streaming (use echo with logprobs)",
+                          param="prompt_logprobs")
     stops = st.stops(req.stop)
     prompts = await asyncio.to_thread(_completion_prompts, st, req.prompt)
     if req.n * len(prompts) > st.engine.max_slots * 4 or req.n > st.engine.max_slots:
@@ -672,11 +736,14 @@ async def _completions(st: ServerState, request: Request) -> Response:
     asked = 16 if req.max_tokens is None else req.max_tokens
     max_tokens = [st.budget(len(ids), asked, param="prompt") for ids, _ in prompts]
     want_lp = req.logprobs is not None
+    echo_lp = req.echo and want_lp  # OpenAI's legacy prompt scoring: the prompt tokens' logprobs, echoed
+    plp = max(req.logprobs if echo_lp else -1, -1 if req.prompt_logprobs is None else req.prompt_logprobs)
     handles: list[RequestHandle] = []
     stop_ids: set[int] = set()
     try:
         for (ids, _), mt in zip(prompts, max_tokens):
-            params = _params(st, req, mt, thinking=False, logprobs=want_lp, top=req.logprobs or 0)
+            params = _params(st, req, mt, thinking=False, logprobs=want_lp, top=req.logprobs or 0,
+                             prompt_logprobs=plp if plp >= 0 else None)
             stop_ids = set(params.stop_token_ids)
             handles.append(st.submit(ids, params))
     except APIError:
@@ -690,16 +757,18 @@ async def _completions(st: ServerState, request: Request) -> Response:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": st.model_name}
 
-    def lp_block(outs: Sequence[Output], offset: int) -> dict[str, Any]:
-        toks, lps, tops, offs = [], [], [], []
+    def lp_block(outs: Sequence[Output], offset: int, pi: int | None = None) -> dict[str, Any]:
+        """OpenAI's legacy logprobs; with ``pi``, prompt ``pi``'s tokens come first (echo)."""
+        block = (_echo_logprobs(st, prompts[pi][0], handles[pi].prompt_logprobs, req.logprobs or 0)
+                 if pi is not None else {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
         for o in outs:
             s = st.tok.decode([o.token])
-            toks.append(s)
-            lps.append(o.model_logprob)
-            tops.append({st.tok.decode([t]): lp for t, lp in (o.top_logprobs or [])})
-            offs.append(offset)
+            block["tokens"].append(s)
+            block["token_logprobs"].append(o.model_logprob)
+            block["top_logprobs"].append({st.tok.decode([t]): lp for t, lp in (o.top_logprobs or [])})
+            block["text_offset"].append(offset)
             offset += len(s)
-        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+        return block
 
     if not req.stream:
 
@@ -716,10 +785,15 @@ async def _completions(st: ServerState, request: Request) -> Response:
         result = []
         for pi, group in enumerate(groups):
             for c in group:
-                lp = lp_block(c.token_outputs, len(echo[pi])) if want_lp else None
-                result.append(
-                    {"index": c.index, "text": echo[pi] + c.text, "logprobs": lp, "finish_reason": c.finish or "stop"}
-                )
+                lp = lp_block(c.token_outputs, len(echo[pi]), pi if echo_lp else None) if want_lp else None
+                choice = {
+                    "index": c.index, "text": echo[pi] + c.text, "logprobs": lp, "finish_reason": c.finish or "stop"
+                }
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = _vllm_prompt_logprobs(
+                        st, prompts[pi][0], handles[pi].prompt_logprobs, req.prompt_logprobs
+                    )
+                result.append(choice)
         allc = [c for g in groups for c in g]
         return JSONResponse({**head, "choices": result, "usage": _usage(handles, allc)})
 
@@ -728,15 +802,14 @@ async def _completions(st: ServerState, request: Request) -> Response:
     async def events() -> AsyncIterator[str]:
         for pi, (h, group) in enumerate(zip(handles, groups)):
             sent = [0] * len(group)
-            if echo[pi]:
-                for c in group:
-                    yield _sse(
-                        {
-                            **head,
-                            "choices": [{"index": c.index, "text": echo[pi], "logprobs": None, "finish_reason": None}],
-                        }
-                    )
+            echoed = not echo[pi]
             async for out in h:
+                if not echoed:  # after the first event: the prompt's logprobs are complete by then
+                    echoed = True
+                    for c in group:
+                        lp = lp_block([], 0, pi) if echo_lp else None
+                        ch = {"index": c.index, "text": echo[pi], "logprobs": lp, "finish_reason": None}
+                        yield _sse({**head, "choices": [ch]})
                 c = group[out.seq]
                 was_done = c.finish is not None
                 done, new = c.feed(out)
@@ -757,6 +830,105 @@ async def _completions(st: ServerState, request: Request) -> Response:
         yield "data: [DONE]\n\n"
 
     return _EngineStream(events(), _cancel_all(handles))
+
+
+def _echo_logprobs(st: ServerState, ids: Sequence[int], plp: PromptLogprobs | None, k: int) -> dict[str, Any]:
+    """The prompt's part of OpenAI's legacy logprobs: per prompt token its text, its log-probability given the
+    tokens before it (null for the first), its ``k`` most likely alternatives plus itself (as vLLM and
+    OpenAI's "up to logprobs + 1"), and its character offset."""
+    assert plp is not None and len(plp.logprobs) == len(ids)
+    toks = [st.tok.decode([t]) for t in ids]
+    tops: list[dict[str, float] | None] = [None]
+    for i in range(1, len(ids)):
+        top: dict[str, float] = {}
+        for t, lp in (plp.top[i] or [])[:k]:  # most likely first: ids that decode alike keep the best value
+            top.setdefault(st.tok.decode([t]), lp)
+        top.setdefault(toks[i], plp.logprobs[i])  # type: ignore[arg-type]
+        tops.append(top)
+    offsets = [0, *itertools.accumulate(len(t) for t in toks)][: len(toks)]
+    return {"tokens": toks, "token_logprobs": list(plp.logprobs), "top_logprobs": tops, "text_offset": offsets}
+
+
+def _vllm_prompt_logprobs(
+    st: ServerState, ids: Sequence[int], plp: PromptLogprobs | None, k: int
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs`` extension: per prompt position None (the first) or ``{id: {"logprob", "rank",
+    "decoded_token"}}`` holding the prompt token and the ``k`` most likely ids."""
+    assert plp is not None and len(plp.logprobs) == len(ids)
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for i in range(1, len(ids)):
+        tok = ids[i]
+        entry = {str(tok): {"logprob": plp.logprobs[i], "rank": plp.ranks[i], "decoded_token": st.tok.decode([tok])}}
+        for rank, (t, lp) in enumerate((plp.top[i] or [])[:k], start=1):
+            entry.setdefault(str(t), {"logprob": lp, "rank": rank, "decoded_token": st.tok.decode([t])})
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------ tokenizer endpoints
+
+
+def _tokenizer_info(st: ServerState) -> dict[str, Any]:
+    """What vLLM's `GET /tokenizer_info` reports that a client needs to tokenise like the server (lm-eval's
+    remote tokenizer reads ``eos_token``). ``add_bos_token``: whether a text prompt gets BOS in front."""
+    tok = st.tok
+    return {
+        "tokenizer_class": type(tok).__name__,
+        "name": getattr(tok, "name", None) or None,
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "pad_token": tok.pad_token,
+        "unk_token": None,
+        "add_bos_token": st.family == "deepseek-v3.2" and tok.bos_id is not None,
+        "model_max_length": st.engine.max_len,
+        "vocab_size": tok.vocab_size,
+        "chat_format": st.family,
+    }
+
+
+def _tokenize_text(st: ServerState, req: TokenizeRequest) -> list[int]:
+    """A text prompt's ids; ``add_special_tokens`` adds what `/v1/completions` adds to a text prompt (BOS for
+    the V3.2 family, nothing for ChatML)."""
+    ids = st.tok.encode_batch([req.prompt])[0]  # batched: releases the GIL
+    if req.add_special_tokens and st.family == "deepseek-v3.2" and st.tok.bos_id is not None:
+        if not ids or ids[0] != st.tok.bos_id:
+            ids = [st.tok.bos_id, *ids]
+    return ids
+
+
+def _tokenize_chat(st: ServerState, req: TokenizeChatRequest) -> list[int]:
+    """A conversation's ids, rendered as the chat endpoint renders it (tools, thinking)."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    try:
+        ids, _ = chat.encode_chat(messages, tools=tools, thinking=_thinking(st, req), family=st.family,
+                                  tokenizer=st.tok, add_generation_prompt=req.add_generation_prompt)
+    except chat.ChatFormatError as e:
+        raise bad_request(f"messages: {e}", param="messages") from None
+    return ids
+
+
+async def _tokenize(st: ServerState, request: Request) -> JSONResponse:
+    st.check_auth(request)
+    body = await read_json_body(request, st.max_body_bytes)
+    req = parse(TokenizeChatRequest, body) if "messages" in body else parse(TokenizeRequest, body)
+    if req.model is not None:
+        st.check_model(req.model)
+    fn = _tokenize_chat if isinstance(req, TokenizeChatRequest) else _tokenize_text
+    ids = await asyncio.to_thread(fn, st, req)
+    return JSONResponse({"count": len(ids), "max_model_len": st.engine.max_len, "tokens": ids, "token_strs": None})
+
+
+async def _detokenize(st: ServerState, request: Request) -> JSONResponse:
+    st.check_auth(request)
+    req: DetokenizeRequest = parse(DetokenizeRequest, await read_json_body(request, st.max_body_bytes))
+    if req.model is not None:
+        st.check_model(req.model)
+    size = st.tok.vocab_size
+    bad = next((t for t in req.tokens if not 0 <= t < size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the tokenizer's vocabulary (ids 0..{size - 1})", param="tokens")
+    return JSONResponse({"prompt": await asyncio.to_thread(st.tok.decode, req.tokens)})
 
 
 def _model_card(st: ServerState) -> dict[str, Any]:
@@ -860,6 +1032,20 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _completions(st, request)
+
+    # vLLM's tokenizer endpoints, at the server root (where vLLM and lm-eval's remote tokenizer expect them)
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> JSONResponse:
+        st.check_auth(request)
+        return JSONResponse(_tokenizer_info(st))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        return await _tokenize(st, request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        return await _detokenize(st, request)
 
     if web and (WEB_DIR / "index.html").is_file():
         csp = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"

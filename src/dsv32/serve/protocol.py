@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -24,6 +24,10 @@ MAX_BODY_BYTES = 8 * 2**20
 #: Deepest JSON nesting accepted; real requests (tool schemas included) stay far below it, and it keeps
 #: every later recursive walk (pydantic, the chat renderer, json.dumps) far from Python's recursion limit.
 MAX_JSON_DEPTH = 64
+#: Request fields that are pure metadata: accepted and not used (OpenAI's stored-completion tags and
+#: end-user ids, and its prompt-cache routing hint: this server's prefix cache needs no key). Any other
+#: field a request model does not declare is refused with a 400 naming it, never silently ignored.
+ACCEPTED_UNUSED = frozenset({"metadata", "store", "user", "safety_identifier", "prompt_cache_key"})
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -105,9 +109,12 @@ class SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: StrictBool = False  # vLLM's extension: generate through EOS (benchmarks, tests)
     max_tokens: int | None = Field(None, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied (as in thinking mode)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's extension: no stop token before this many
+    repetition_penalty: float | None = Field(None, gt=0, le=10)  # vLLM's extension (CTRL's penalty)
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # vLLM's extension
 
 
 class ChatRequest(SamplingFields):
@@ -120,18 +127,57 @@ class ChatRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     thinking: Thinking | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (echo + logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
 
 
+class TokenizeRequest(_Body):
+    """`POST /tokenize` for text (vLLM's shape)."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: StrictBool = True
+
+
+class TokenizeChatRequest(_Body):
+    """`POST /tokenize` for a conversation, rendered as the chat endpoint renders it."""
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    tools: list[ToolDef] | None = None
+    thinking: Thinking | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = False  # accepted for vLLM's shape: the chat format places BOS itself
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
 def parse(model: type[BaseModel], body: Any) -> Any:
-    """Validate ``body`` into ``model``; the first errors become one 400 naming the fields."""
+    """Validate ``body`` into ``model``; the first errors become one 400 naming the fields. A top-level field
+    the model does not declare is a 400 naming it (unless it is pure metadata, :data:`ACCEPTED_UNUSED`):
+    a parameter this server does not implement must not be silently ignored."""
+    if isinstance(body, dict):
+        unknown = sorted(k for k in body if k not in model.model_fields and k not in ACCEPTED_UNUSED)
+        if unknown:
+            names = ", ".join(repr(k[:64]) for k in unknown[:5])
+            raise bad_request(
+                f"unsupported parameter{'s' if len(unknown) > 1 else ''}: {names} "
+                "(this server does not implement it; docs/serving.md lists every supported field)",
+                param=unknown[0][:64],
+                code="unsupported_parameter",
+            )
     try:
         return model.model_validate(body)
     except ValidationError as e:
