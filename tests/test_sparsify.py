@@ -397,3 +397,143 @@ def test_eval_weights_load_a_stage2_run(tmp_path, monkeypatch) -> None:
     assert changed and all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
     with pytest.raises(SystemExit, match="not a checkpoint directory"):
         load_weights(fresh, tmp_path / "nope.bin")
+
+
+# ------------------------------------------------------------------------------------------ targets beyond the paper
+
+TARGET_CASES = [il.Target("head-sum"), il.Target("head-max"), il.Target("per-head-kl", peak_beta=6.0, sinks=2),
+                il.Target("per-head-kl", peak_beta=0.0)]
+
+
+def _reference_loss(A: torch.Tensor, logq: torch.Tensor, key_pos: torch.Tensor, target: il.Target) -> torch.Tensor:
+    """Slow reference per row, written from the definitions: A [B,S,H,N] per-head probabilities, logq [B,S,N]
+    (0 where A is 0), key_pos [B|1,S|1,N]."""
+    if target.kind == "per-head-kl":
+        peak = A.masked_fill((key_pos < target.sinks).unsqueeze(2), 0).amax(-1)  # [B,S,H]
+        w = torch.softmax(target.peak_beta * peak, dim=-1)
+        kl_h = (torch.xlogy(A, A) - A * logq.unsqueeze(2)).sum(-1)  # each head's own KL(A_h || q)
+        return (w * kl_h).sum(-1)
+    s = A.sum(2) if target.kind == "head-sum" else A.max(2).values
+    p = s / s.sum(-1, keepdim=True)
+    return (torch.xlogy(p, p) - p * logq).sum(-1)
+
+
+@pytest.mark.parametrize("target", TARGET_CASES, ids=lambda t: f"{t.kind}-{t.peak_beta:g}")
+def test_stage1_targets_chunked_match_reference(target) -> None:
+    """Every target of --target: chunked + leaf backward == the unchunked definition (value and gradient)."""
+    m = tiny_llama()
+    ind, _ = sp.set_trainable(m, 1)
+    ids = _ids(m, 2, 24)
+    out = m.forward(ids, dense=True, return_indexer=True, compute_logits=False)
+    stats = il.indexer_loss(out.indexer, topk=8, sparse=False, chunk=5, backward=True, target=target)
+    g_chunked = [p.grad.clone() for p in ind]
+    for p in ind:
+        p.grad = None
+    out = m.forward(ids, dense=True, return_indexer=True, compute_logits=False)
+    total = 0.0
+    for st, aux in zip(stats, out.indexer):
+        logits = aux.main_logits(slice(None)).transpose(1, 2)  # [B,S,H,T]
+        vis = causal_mask(aux.q_pos, logits.shape[-1])
+        A = torch.softmax(logits.masked_fill(~vis.unsqueeze(2), -math.inf), dim=-1)
+        I = indexer_scores(aux.index_q, aux.index_w, aux.index_k).masked_fill(~vis, -math.inf)
+        logq = torch.log_softmax(I, -1).masked_fill(~vis, 0)
+        loss = _reference_loss(A, logq, torch.arange(logits.shape[-1]).view(1, 1, -1), target).mean()
+        assert st.kl == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
+        total = total + loss
+    total.backward()
+    for a, p in zip(g_chunked, ind):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", TARGET_CASES[:3], ids=lambda t: t.kind)
+def test_stage2_targets_restricted_match_reference(target) -> None:
+    """The same over S_t (stage 2), with the per-head target rebuilt from the sparse op's lse: value and gradient."""
+    m = tiny_llama()
+    ind, _ = sp.set_trainable(m, 2)
+    ids = _ids(m, 1, 30)
+
+    def forward():
+        with sp.detach_indexer_inputs(m):
+            return m.forward(ids, topk=8, return_indexer=True, compute_logits=False)
+
+    m.zero_grad(set_to_none=True)
+    stats = il.indexer_loss(forward().indexer, topk=8, sparse=True, chunk=7, backward=True, recall=False,
+                            target=target)
+    g_chunked = [p.grad.clone() for p in ind]
+    m.zero_grad(set_to_none=True)
+    total = 0.0
+    for st, aux in zip(stats, forward().indexer):
+        idx = aux.topk_idx.long()
+        valid = idx >= 0
+        logits = aux.main_logits(slice(None)).transpose(1, 2)  # [B,S,H,T]
+        at = logits.gather(-1, idx.clamp_min(0).unsqueeze(2).expand(-1, -1, logits.shape[2], -1))
+        A = torch.softmax(at.masked_fill(~valid.unsqueeze(2), -math.inf), -1)  # each head over S_t
+        I = indexer_scores(aux.index_q, aux.index_w, aux.index_k).gather(-1, idx.clamp_min(0))
+        logq = torch.log_softmax(I.masked_fill(~valid, -math.inf), -1).masked_fill(~valid, 0)
+        loss = _reference_loss(A, logq, idx.clamp_min(0), target).mean()
+        assert st.kl == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
+        total = total + loss
+    total.backward()
+    for a, p in zip(g_chunked, ind):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_targets_let_one_peaked_head_count() -> None:
+    """Three heads over six keys: two local heads split their mass over keys 4-5, one retrieval head puts 0.9 on
+    the needle (key 2). The needle's target share: 0.3 under head-sum, more under head-max and per-head-kl; and
+    per-head-kl with beta = 0 has head-sum's gradient (same p, only a constant differs)."""
+    local = torch.tensor([0.0, 0, 0, 0, 0.5, 0.5])
+    needle = torch.tensor([0.02, 0.02, 0.9, 0.02, 0.02, 0.02])
+    P = torch.stack([local, local, needle]).view(1, 3, 1, 6)  # [B,H,C,N]
+    pos = torch.arange(6).view(1, 1, 6)
+    share = {t.kind + str(t.peak_beta): float(il.target_dist(P, t, pos)[0][0, 0, 2]) for t in TARGET_CASES}
+    assert share["head-sum8.0"] == pytest.approx(0.3)
+    assert share["head-max8.0"] > 0.45 and share["per-head-kl6.0"] > 0.6
+    assert share["per-head-kl0.0"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="not one of"):
+        il.Target("head-mean")
+
+
+def test_cli_target_flag_reaches_the_loss(tmp_path, monkeypatch) -> None:
+    """--target per-head-kl is recorded and changes the logged loss vs the default on the same batch."""
+    def fake_batches(args, tok):
+        data = torch.randint(0, 512, (4, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        return (lambda step: data[step % 4 : step % 4 + args.batch_size]), {"fake": True}
+
+    monkeypatch.setattr(sp, "_batches", fake_batches)
+    kls = {}
+    for tgt in ("head-sum", "per-head-kl"):
+        out = tmp_path / tgt
+        assert sp.cli_main(["--stage", "1", "--model", "preset:tiny", "--seq-len", "24", "--topk", "8", "--no-progress",
+                            "--out", str(out), "--max-steps", "1", "--target", tgt]) == 0
+        assert json.loads((out / "sparsify_args.json").read_text())["settings"]["target"] == tgt
+        kls[tgt] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["kl"]
+    assert kls["head-sum"] != pytest.approx(kls["per-head-kl"], rel=1e-3)
+
+
+def test_text_batches_leave_out_the_eval_source_and_refuse_eval_needles(tmp_path) -> None:
+    """--text: the retrieval evaluation's source is never trained on; --retrieval-frac adds multi-question
+    key-value documents; a training document holding an evaluation needle stops the run before any step."""
+    import argparse
+
+    from dsv32.evals.needles import EVAL_SOURCE
+    from dsv32.tokenizer import load_tokenizer
+
+    words = "the quick brown fox jumps over a lazy dog and then sleeps under the old oak tree".split()
+    for src in ("a", EVAL_SOURCE):
+        (tmp_path / "raw" / src).mkdir(parents=True)
+        for i in range(20):
+            rows = [" ".join(words[(i + j) % len(words):] + words[: (i + j) % len(words)]) for j in range(40)]
+            (tmp_path / "raw" / src / f"doc{i}.txt").write_text("\n".join(rows))
+    tok = load_tokenizer("dsv32-small-8k")
+    args = argparse.Namespace(data=None, text=[tmp_path / "raw"], max_chars=None, seed=0, batch_size=1, seq_len=64,
+                              synthetic_frac=0.0, retrieval_frac=0.4, synthetic_chars=2000)
+    batch, info = sp._batches(args, tok)
+    assert info["sources"] == ["a"] and info["excluded_documents"] > 0 and info["retrieval_docs"] > 0
+    seen = " ".join(tok.decode(batch(step)[0].tolist()) for step in range(200))
+    assert "Question: What is the secret code for" in seen
+    (tmp_path / "raw" / "a" / "doc0.txt").write_text("note: the vault combination is 123-4567\n" * 3)
+    (tmp_path / "raw" / "a" / "doc1.txt").write_text("note: the vault combination is 123-4567\n" * 3)
+    args.retrieval_frac = 0.0
+    with pytest.raises(SystemExit, match="evaluation's needles"):
+        sp._batches(args, tok)

@@ -18,6 +18,21 @@ Memory: nothing builds a [S, T] tensor for the whole sequence. Each layer is pro
 of a chunk is back-propagated at once into *leaf copies* of the indexer outputs (q, w, k), and one final
 backward (``finish_backward``) carries the accumulated leaf gradients into the indexer parameters.
 
+Targets beyond the paper (``Target``, ``dsv32 sparsify --target``; issue 15): the head-summed target lets a
+retrieval head that puts most of its attention on a far needle count for only 1/H of the target, next to the
+local and sink keys every head attends to (docs/sparsify.md, "Why the passkeys are lost"). With A_h the
+per-head probabilities of row t (over the causal keys; stage 2: over S_t, each head renormalised there):
+
+- ``head-sum`` (default, the paper): ``p = sum_h A_h / ||.||_1``; loss ``KL(p || q)``.
+- ``head-max``: the union of the heads' attention, ``p = max_h A_h / ||.||_1``: a key that one head attends to
+  strongly keeps that weight whatever the other heads do; loss ``KL(p || q)``.
+- ``per-head-kl``: ``sum_h w_h KL(A_h || q)`` with per-row head weights ``w = softmax_h(beta * peak_h)``,
+  ``peak_h = max_s A_h[s]`` over the keys past the first ``sinks`` (attention sinks make every head look
+  peaked): the more a head concentrates on one non-sink key, the more its distribution counts. ``beta = 0``
+  gives uniform weights, whose gradient equals head-sum's (only the constant entropy term differs).
+
+All are pure functions of the aux records (targets are constants), computed in the same chunks.
+
 Diagnostic: the indexer recall, the share of the dense attention mass inside the selected set,
 ``mean_h exp(lse_h(S_t) - lse_h(all))``, averaged only over rows with more than k causal keys (the others attend
 to every key whatever the indexer says).
@@ -65,6 +80,50 @@ def chunk_size(aux: Aux, chunk: int | None = None) -> int:
     return max(1, min(512, CHUNK_FLOATS // max(1, B * aux.num_heads * T)))
 
 
+# ============================================================================================ targets
+
+TARGETS = ("head-sum", "head-max", "per-head-kl")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which distribution over keys the indexer is trained towards (module docstring)."""
+
+    kind: str = "head-sum"
+    peak_beta: float = 8.0  # per-head-kl: head weights softmax_h(peak_beta * peak_h)
+    sinks: int = 4  # per-head-kl: the first ``sinks`` key positions do not count towards a head's peak
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGETS:
+            raise ValueError(f"indexer target {self.kind!r}: not one of {', '.join(TARGETS)}")
+        if self.sinks < 0:
+            raise ValueError(f"indexer target: sinks must be >= 0, got {self.sinks}")
+
+
+HEAD_SUM = Target()
+
+
+def target_dist(P: torch.Tensor, target: Target, key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target of one chunk from its per-head probabilities.
+
+    P [B,H,C,N]: each head's attention over the N candidate keys (0 at keys it cannot see); ``key_pos``
+    [B|1,C|1,N]: those keys' positions. Returns (p [B,C,N], summing to 1 over N; c [B,C]) such that the
+    loss of a row is ``c - sum_n p[n] log q[n]``: ``c = sum p log p`` (KL(p || q)) or, for per-head-kl,
+    ``c = sum_h w_h sum_n A_h log A_h`` (sum_h w_h KL(A_h || q)).
+    """
+    if target.kind == "per-head-kl":
+        is_sink = (key_pos < target.sinks).unsqueeze(1)  # [B|1,1,C|1,N]
+        peak = P.masked_fill(is_sink, 0.0).amax(-1)  # [B,H,C]
+        w = torch.softmax(target.peak_beta * peak, dim=1)  # [B,H,C]
+        Pn = P / P.sum(-1, keepdim=True).clamp_min(1e-30)  # rows of exactly 1 (stage 2 rebuilds them from lse)
+        p = torch.einsum("bhc,bhcn->bcn", w, Pn)
+        c = (w * torch.xlogy(Pn, Pn).sum(-1)).sum(1)
+        return p, c
+    s = P.sum(1) if target.kind == "head-sum" else P.amax(1)  # [B,C,N]
+    p = s / s.sum(-1, keepdim=True).clamp_min(1e-30)
+    return p, torch.xlogy(p, p).sum(-1)
+
+
 # ============================================================================================ losses
 
 
@@ -72,16 +131,17 @@ def chunk_size(aux: Aux, chunk: int | None = None) -> int:
 class LayerStats:
     """One layer's indexer diagnostics for one batch."""
 
-    kl: float  # mean over query rows of KL(p || softmax(I)) (stage 2: restricted to S_t)
+    kl: float  # mean over query rows of the loss, KL(p || softmax(I)) (per-head-kl: the head-weighted KLs)
     recall: float | None  # mean over rows with > k causal keys of the dense attention mass inside S_t
     rows: int  # query rows in the KL mean
     recall_rows: int  # rows in the recall mean
 
 
-def _kl_rows(p: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """KL(p || softmax(logits)) per row over the ``valid`` slots; p is 0 outside them. [..., N] -> [...]."""
+def _kl_rows(p: torch.Tensor, c: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``c - sum p log softmax(logits)`` per row over the ``valid`` slots (KL(p || q) when c = sum p log p); p is 0
+    outside them. [..., N] -> [...]."""
     logq = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1).masked_fill(~valid, 0.0)
-    return (torch.xlogy(p, p) - p * logq).sum(-1)
+    return c - (p * logq).sum(-1)
 
 
 def _recall_rows(lse_sel: torch.Tensor, lse_all: torch.Tensor) -> torch.Tensor:
@@ -101,6 +161,7 @@ def layer_kl(
     backward: bool = False,
     recall: bool = True,
     rows: torch.Tensor | None = None,
+    target: Target = HEAD_SUM,
 ) -> tuple[LayerStats, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The indexer loss of one layer, in query chunks; optionally back-propagated chunk by chunk.
 
@@ -112,6 +173,7 @@ def layer_kl(
     returned (tensor, grad) pairs finish the backward into the indexer parameters (``finish_backward``).
     ``recall``: also compute the recall (stage 2 needs an extra dense pass for it).
     ``rows``: only these query positions (sorted 1-D indices; an unbiased subsample of the sum over t).
+    ``target``: the KL target (module docstring); the recall is always the head-mean mass, whatever the target.
     """
     q0, w0, k0 = aux.index_q, aux.index_w, aux.index_k
     grad_on = backward and (q0.requires_grad or w0.requires_grad or k0.requires_grad)
@@ -134,17 +196,21 @@ def layer_kl(
                     bias = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device).masked_fill_(~vis, -math.inf)
                     A = aux.main_logits(sl).add_(bias.unsqueeze(1))  # [B,H,C,T]
                     A = A.sub_(torch.logsumexp(A, dim=-1, keepdim=True)).exp_()  # per-head softmax
-                    p = A.mean(1)  # [B,C,T]: sum over heads, L1-normalised (each head's row sums to 1)
+                    if target.kind == "head-sum":  # the paper's: p = head mean (each head's row sums to 1)
+                        p = pm = A.mean(1)  # [B,C,T]
+                        ent = torch.xlogy(p, p).sum(-1)
+                    else:
+                        p, ent = target_dist(A, target, torch.arange(T, device=A.device).view(1, 1, T))
+                        pm = A.mean(1) if recall else None  # the recall stays the head-mean mass
                     del A
-                    ent = torch.xlogy(p, p).sum(-1)
                 logits = index_logits(q[:, sl], w[:, sl], k)  # [B,C,T]
-                # KL = sum p log p - sum p I + logsumexp(I) over the causal keys (p = 0 elsewhere)
+                # loss = ent - sum p I + logsumexp(I) over the causal keys (p = 0 elsewhere)
                 kl = ent - (p * logits).sum(-1) + torch.logsumexp(logits + bias, dim=-1)
                 sel = None
                 if recall and topk is not None:
                     with torch.no_grad():
                         sel = torch.topk(logits.detach() + bias, min(topk, T), dim=-1).indices  # [B,C,K]
-                        mass = p.gather(-1, sel).sum(-1)  # rows with > k keys: no -inf among the top k
+                        mass = pm.gather(-1, sel).sum(-1)  # rows with > k keys: no -inf among the top k
             else:  # restricted KL over S_t (stage 2)
                 sel = idx_all[:, sl]
                 valid = sel >= 0
@@ -152,9 +218,9 @@ def layer_kl(
                 with torch.no_grad():
                     lse_sel = aux.sparse_lse(sl, sel)  # [B,C,H] from the sparse op
                     at = aux.main_logits_at(sl, safe)  # [B,C,H,K]
-                    pk = torch.exp(at - lse_sel.unsqueeze(-1)).masked_fill(~valid.unsqueeze(2), 0.0).sum(2)
-                    p = pk / pk.sum(-1, keepdim=True).clamp_min(1e-30)  # [B,C,K], L1-normalised over S_t
-                kl = _kl_rows(p, indexer_at(q[:, sl], w[:, sl], k, safe), valid)
+                    P = torch.exp(at - lse_sel.unsqueeze(-1)).masked_fill(~valid.unsqueeze(2), 0.0)  # heads over S_t
+                    p, ent = target_dist(P.transpose(1, 2), target, safe)  # p [B,C,K], L1-normalised over S_t
+                kl = _kl_rows(p, ent, indexer_at(q[:, sl], w[:, sl], k, safe), valid)
                 if recall:
                     with torch.no_grad():
                         vis = causal_mask(pos, T).unsqueeze(1)
@@ -181,13 +247,14 @@ def finish_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 def indexer_loss(
     auxes: list[Aux], *, topk: int | None, sparse: bool, chunk: int | None = None, backward: bool = False,
-    recall: bool = True, rows: torch.Tensor | None = None,
+    recall: bool = True, rows: torch.Tensor | None = None, target: Target = HEAD_SUM,
 ) -> list[LayerStats]:
     """``layer_kl`` over every layer; with ``backward`` the gradient of ``sum_layers mean_t KL`` reaches the
     indexer parameters (and nothing else: the targets are constants)."""
     stats, pairs = [], []
     for aux in auxes:
-        st, pr = layer_kl(aux, topk=topk, sparse=sparse, chunk=chunk, backward=backward, recall=recall, rows=rows)
+        st, pr = layer_kl(aux, topk=topk, sparse=sparse, chunk=chunk, backward=backward, recall=recall, rows=rows,
+                          target=target)
         stats.append(st)
         pairs.extend(pr)
     if backward:
@@ -195,5 +262,5 @@ def indexer_loss(
     return stats
 
 
-__all__ = ["CHUNK_FLOATS", "LayerStats", "chunk_size", "index_logits", "indexer_at", "layer_kl", "finish_backward",
-           "indexer_loss"]
+__all__ = ["CHUNK_FLOATS", "TARGETS", "Target", "HEAD_SUM", "target_dist", "LayerStats", "chunk_size", "index_logits",
+           "indexer_at", "layer_kl", "finish_backward", "indexer_loss"]

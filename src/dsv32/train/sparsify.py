@@ -41,7 +41,9 @@ import torch
 from torch import nn
 
 from dsv32.data import FillerSampler, TextWindows, TokenDataset, load_split_texts, make_synthetic_doc, tokenize_docs
+from dsv32.data.synthetic import make_retrieval_doc
 from dsv32.evals import load_eval_model, mode_context
+from dsv32.evals.needles import EVAL_SOURCE, check_training_texts
 from dsv32.registry import (
     INDEXER_DIR,
     INDEXER_FILE,
@@ -51,7 +53,7 @@ from dsv32.registry import (
     save_indexer,
     write_indexer_file,
 )
-from dsv32.train.indexer_loss import LayerStats, indexer_loss
+from dsv32.train.indexer_loss import HEAD_SUM, TARGETS, LayerStats, Target, indexer_loss
 from dsv32.train.losses import chunked_cross_entropy
 from dsv32.train.plot import read_metrics
 from dsv32.train.run import RunLoop, lr_at
@@ -122,17 +124,20 @@ class StepResult:
 
 
 def stage1_step(model: nn.Module, ids: torch.Tensor, *, topk: int, chunk: int | None = None,
-                backward: bool = True, rows: torch.Tensor | None = None) -> StepResult:
+                backward: bool = True, rows: torch.Tensor | None = None, target: Target = HEAD_SUM) -> StepResult:
     """Dense warm-up on one batch ``ids`` [B,S]: dense forward, the KL of every layer back-propagated into the
-    indexers (the caller froze everything else and owns the optimiser step). ``rows``: query subsample."""
+    indexers (the caller froze everything else and owns the optimiser step). ``rows``: query subsample;
+    ``target``: the KL target (default the paper's head sum; ``indexer_loss.Target``)."""
     out = model.forward(ids, dense=True, return_indexer=True, compute_logits=False)
-    layers = indexer_loss(out.indexer, topk=topk, sparse=False, chunk=chunk, backward=backward, rows=rows)
+    layers = indexer_loss(out.indexer, topk=topk, sparse=False, chunk=chunk, backward=backward, rows=rows,
+                          target=target)
     return _result(layers, None)
 
 
 def stage2_step(
     model: nn.Module, batch: torch.Tensor, *, topk: int, chunk: int | None = None, recall: bool = False,
     lm_backward: bool = True, kl_backward: bool = True, rows: torch.Tensor | None = None,
+    target: Target = HEAD_SUM,
 ) -> StepResult:
     """Sparse training on one batch ``batch`` [B,S+1]: sparse forward with detached indexer inputs; the LM loss
     is back-propagated into the trunk and the restricted KL into the indexers (two separate graphs)."""
@@ -143,7 +148,7 @@ def stage2_step(
     if lm_backward:
         loss.backward()
     layers = indexer_loss(out.indexer, topk=topk, sparse=True, chunk=chunk, backward=kl_backward, recall=recall,
-                          rows=rows)
+                          rows=rows, target=target)
     return _result(layers, float(loss.detach()))
 
 
@@ -231,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-frac", type=float, default=0.0,
                    help="--text: share of characters made of synthetic long-range tasks (key-value recall, copying "
                         "over real train text; dsv32.data), so the KL targets include retrieval attention")
+    g.add_argument("--retrieval-frac", type=float, default=0.0,
+                   help="--text: share of characters made of retrieval-bearing documents (2..8 key-value facts, "
+                        "1..4 questions each, over 1/2..1x --synthetic-chars of train text; dsv32.data.synthetic)")
     g.add_argument("--synthetic-chars", type=int, default=8000, help="longest synthetic document, in characters")
     g.add_argument("--seq-len", type=int, default=1024)
     g.add_argument("--batch-size", type=int, default=1)
@@ -245,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk", type=int, default=None, help="queries per KL chunk (default: by memory)")
     g.add_argument("--kl-rows", type=int, default=0,
                    help="KL on this many random query rows among those with > k keys per step (0: every row)")
+    g.add_argument("--target", choices=TARGETS, default="head-sum",
+                   help="indexer KL target: the paper's head-summed attention, the max over heads (renormalised), "
+                        "or per-head KLs weighted by softmax_h(--peak-beta * peak_h) (dsv32.train.indexer_loss)")
+    g.add_argument("--peak-beta", type=float, default=8.0,
+                   help="--target per-head-kl: how strongly peaked heads count (0: uniform head weights)")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--save-every", type=int, default=50)
@@ -266,7 +279,20 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     return model, tok
 
 
+def _synthetic_docs(make: Callable[..., Any], rng: random.Random, filler: FillerSampler, want: float,
+                    chars: int) -> list[str]:
+    out: list[str] = []
+    size = 0
+    while size < want:
+        out.append(make(rng, filler, chars).text)
+        size += len(out[-1])
+    return out
+
+
 def _batches(args: argparse.Namespace, tok: Any) -> tuple[Callable[[int], torch.Tensor], dict[str, Any]]:
+    """Training batches: ``--data`` token shards (train split), or ``--text`` roots (train split) with the
+    evaluation source (``evals.needles.EVAL_SOURCE``) left out and the optional synthetic documents mixed in;
+    either way the text is checked against the retrieval evaluation's templates and key format first."""
     if args.data is not None:
         ds = TokenDataset(args.data, "train", seed=args.seed)
         info = {"data": str(args.data), "split": "train", "tokens": ds.num_tokens}
@@ -276,20 +302,38 @@ def _batches(args: argparse.Namespace, tok: Any) -> tuple[Callable[[int], torch.
     if tok is None:
         raise SystemExit("dsv32 sparsify: --text needs a model with a tokenizer")
     texts, names = load_split_texts(args.text, "train", max_chars=args.max_chars)
-    n_syn = 0
-    if args.synthetic_frac > 0:
-        rng, filler = random.Random(args.seed), FillerSampler(texts)
-        want = args.synthetic_frac / (1 - args.synthetic_frac) * sum(len(t) for t in texts)
-        syn: list[str] = []
-        while sum(map(len, syn)) < want:
-            syn.append(make_synthetic_doc(rng, filler, args.synthetic_chars).text)
-        order = random.Random(args.seed + 1).sample(range(len(texts) + len(syn)), len(texts) + len(syn))
-        texts, n_syn = [(texts + syn)[i] for i in order], len(syn)
-    ids = tokenize_docs(tok, texts)
+    kept = [i for i, n in enumerate(names) if n.split("/")[0] != EVAL_SOURCE]
+    excluded = len(names) - len(kept)
+    texts, names = [texts[i] for i in kept], [names[i] for i in kept]
+    if not texts:
+        raise SystemExit(f"dsv32 sparsify: no training text left under {args.text} once {EVAL_SOURCE!r} (the "
+                         "retrieval evaluation's source) is left out")
+    real_chars = sum(len(t) for t in texts)
+    syn_frac, ret_frac = args.synthetic_frac, getattr(args, "retrieval_frac", 0.0)
+    if not (0 <= syn_frac < 1 and 0 <= ret_frac < 1 and syn_frac + ret_frac < 1):
+        raise SystemExit("dsv32 sparsify: --synthetic-frac and --retrieval-frac must be >= 0 with a sum below 1")
+    # shares of the final characters: real = (1 - syn - ret), so each synthetic kind gets frac / (1 - syn - ret)
+    per_real = real_chars / (1 - syn_frac - ret_frac)
+    rng, filler = random.Random(args.seed), FillerSampler(texts)
+    syn = _synthetic_docs(make_synthetic_doc, rng, filler, syn_frac * per_real, args.synthetic_chars)
+    ret = _synthetic_docs(make_retrieval_doc, rng, filler, ret_frac * per_real, args.synthetic_chars)
+    all_names = names + [f"synthetic/{i}" for i in range(len(syn))] + [f"retrieval/{i}" for i in range(len(ret))]
+    all_texts = texts + syn + ret
+    problems = check_training_texts(zip(all_names, all_texts))
+    if problems:
+        raise SystemExit("dsv32 sparsify: training text holds the retrieval evaluation's needles (dsv32.evals."
+                         "needles):\n  " + "\n  ".join(problems[:10]))
+    if syn or ret:
+        order = random.Random(args.seed + 1).sample(range(len(all_texts)), len(all_texts))
+        all_texts = [all_texts[i] for i in order]
+    ids = tokenize_docs(tok, all_texts)
     tw = TextWindows(ids, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len)
-    info = {"text": [str(t) for t in args.text], "split": "train", "documents": len(texts), "tokens": int(len(ids)),
-            "max_chars_per_source": args.max_chars, "sources": sorted({n.split("/")[0] for n in names}),
-            "synthetic_docs": n_syn, "synthetic_frac": args.synthetic_frac}
+    info = {"text": [str(t) for t in args.text], "split": "train", "documents": len(all_texts),
+            "tokens": int(len(ids)), "max_chars_per_source": args.max_chars,
+            "sources": sorted({n.split("/")[0] for n in names}), "excluded_source": EVAL_SOURCE,
+            "excluded_documents": excluded, "synthetic_docs": len(syn), "synthetic_frac": syn_frac,
+            "retrieval_docs": len(ret), "retrieval_frac": ret_frac,
+            "eval_needle_check": "passed (no retrieval-eval template piece or key format in any document)"}
     return tw.batch, info
 
 
@@ -320,6 +364,7 @@ def run(args: argparse.Namespace) -> int:
         get_batch, data_info = _batches(args, tok)
         ind, trunk = set_trainable(model, args.stage)
         lr = args.lr if args.lr is not None else (1e-3 if args.stage == 1 else 7.3e-6)
+        target = Target(getattr(args, "target", "head-sum"), peak_beta=getattr(args, "peak_beta", 8.0))
         groups = [{"params": ind, "lr": lr if args.stage == 1 else args.indexer_lr, "name": "indexer"}]
         if args.stage == 2:
             groups.append({"params": trunk, "lr": lr, "name": "trunk"})
@@ -327,14 +372,16 @@ def run(args: argparse.Namespace) -> int:
         opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
         settings = {"stage": args.stage, "model": args.model, "topk": topk, "seq_len": args.seq_len,
                     "batch_size": args.batch_size, "lr": lr, "indexer_lr": args.indexer_lr if args.stage == 2 else lr,
-                    "seed": args.seed, "data": data_info, "command": "dsv32 sparsify " + " ".join(sys.argv[2:])
-                    if sys.argv[1:2] == ["sparsify"] else None}
+                    "seed": args.seed, "data": data_info, "target": target.kind,
+                    "peak_beta": target.peak_beta if target.kind == "per-head-kl" else None,
+                    "command": "dsv32 sparsify " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["sparsify"] else None}
         (out / "sparsify_args.json").write_text(json.dumps(
             {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "settings": settings},
             indent=2, default=str) + "\n")
         log(f"stage {args.stage}: {sum(p.numel() for p in ind) / 1e6:.2f}M indexer parameters"
             + (f", {sum(p.numel() for p in trunk) / 1e6:.2f}M trunk" if trunk else "")
-            + f"; k={topk}, {args.batch_size}x{args.seq_len} tokens/step; data {data_info.get('tokens')} tokens")
+            + f"; k={topk}, {args.batch_size}x{args.seq_len} tokens/step; data {data_info.get('tokens')} tokens; "
+            + f"target {target.kind}")
 
         def load(parts: dict[str, Any]) -> None:
             model.load_state_dict(parts["model"], strict=False)  # stage 1 saves the indexers only
@@ -356,10 +403,10 @@ def run(args: argparse.Namespace) -> int:
             opt.zero_grad(set_to_none=True)
             rows = sample_rows(args.seq_len, topk, args.kl_rows, seed=args.seed, step=i)
             if args.stage == 1:
-                res = stage1_step(model, batch[:, :-1], topk=topk, chunk=args.chunk, rows=rows)
+                res = stage1_step(model, batch[:, :-1], topk=topk, chunk=args.chunk, rows=rows, target=target)
             else:
                 diag = args.diag_every > 0 and (i + 1) % args.diag_every == 0
-                res = stage2_step(model, batch, topk=topk, chunk=args.chunk, recall=diag, rows=rows)
+                res = stage2_step(model, batch, topk=topk, chunk=args.chunk, recall=diag, rows=rows, target=target)
             gn_ind = float(torch.nn.utils.clip_grad_norm_(ind, args.clip))
             gn_trunk = float(torch.nn.utils.clip_grad_norm_(trunk, args.clip)) if trunk else None
             opt.step()
