@@ -72,16 +72,6 @@ def verify(tools: dict, verifier: str, answer, task_id: str) -> tuple[bool, str]
     return bool(ok), str(reason)
 
 
-def call_tool(tools: dict, name: str, arguments: str) -> str:
-    """One tool call for a host-side policy (`session.ToolSession`): JSON in, JSON {ok, result|error} out."""
-    if name not in tools:
-        return json.dumps({"ok": False, "error": f"unknown tool {name!r}"})
-    try:
-        return json.dumps({"ok": True, "result": jsonable(tools[name](**json.loads(arguments)))})
-    except Exception as e:  # noqa: BLE001 - the policy sees the error as the tool's result
-        return json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"})
-
-
 # ------------------------------------------------------------------------------------------- random policy
 
 class Pool:

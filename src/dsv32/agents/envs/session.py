@@ -21,9 +21,8 @@ from typing import Any
 
 from dsv32.agents.envs.base import read_tasks, write_tasks
 from dsv32.agents.envs.runner import random_episode
-from dsv32.agents.notebook import NotebookSession
 from dsv32.agents.sandbox import run_python
-from dsv32.agents.tools import ToolError, check_arguments
+from dsv32.agents.tools import EnvironmentTools, ToolError, check_arguments
 
 RUNNER_SOURCE = Path(__file__).with_name("runner.py").read_text(encoding="utf-8")
 
@@ -57,70 +56,50 @@ class ToolCallError(Exception):
 
 
 class ToolSession:
-    """Sandboxed tools of one environment for a host-side policy; `call(name, arguments)` -> JSON result."""
+    """A host-side policy's access to one environment: the tools run through `agents.tools.EnvironmentTools`
+    (their own sandboxed kernel, env dir read-only); this adds the schema check of every call, JSON results,
+    and the task's verifier run in that same kernel (no process start per verification)."""
 
-    def __init__(self, env_dir: str | Path, *, scratch: Path | None = None, timeout: float = 20.0,
-                 unsafe: bool = False):
+    def __init__(self, env_dir: str | Path, *, timeout: float = 20.0, unsafe: bool = False):
         self.env = Path(env_dir).resolve()
-        meta = json.loads((self.env / "env.json").read_text(encoding="utf-8"))
-        self.schemas: list[dict] = meta["tools"]
-        self._schema = {s["function"]["name"]: s for s in self.schemas}
-        self.tool_names = list(self._schema)
-        self._tmp = tempfile.TemporaryDirectory(prefix="dsv32-env-") if scratch is None else None
-        self.nb = NotebookSession(Path(self._tmp.name) if self._tmp else scratch, ro_paths=[self.env],
-                                  timeout=timeout, unsafe=unsafe)
-        self._ready = False
-
-    def _boot(self) -> None:
-        """(Re)load the runner helpers and tools.py in the kernel (after a start or a restart)."""
-        setup = (f"import json, sys, types\nsys.path.insert(0, {str(self.env)!r})\n"
-                 "_runner = types.ModuleType('dsv32_env_runner')\n"
-                 f"exec(compile({RUNNER_SOURCE!r}, 'runner.py', 'exec'), _runner.__dict__)\n"
-                 f"_TOOLS, _SCHEMAS = _runner.load_tools({str(self.env)!r})\n")
-        r = self.nb.execute(setup)
-        if not r.ok:
-            raise RuntimeError(f"{self.env}: could not load tools.py in the sandbox: {r.error}")
-        self._ready = True
-
-    def _run(self, code: str) -> Any:
-        if not self._ready or not self.nb.alive:
-            self._boot()
-        r = self.nb.execute(code)
-        if r.restarted or not r.ok:
-            self._ready = not r.restarted
-            raise ToolCallError(r.error or "the sandbox gave no result")
-        lines = r.output.strip().splitlines()
-        if not lines:
-            raise ToolCallError("the sandbox gave no result")
-        return json.loads(lines[-1])
+        self.tools = EnvironmentTools(self.env, timeout=timeout, unsafe=unsafe)
+        self.schemas: list[dict] = list(self.tools.schemas.values())
+        self.tool_names = list(self.tools.schemas)
+        self._booted = False
 
     def call(self, name: str, arguments: dict | str | None = None) -> Any:
         """Run tool `name`; raises ToolCallError with the message a model would see."""
-        if name not in self._schema:
-            raise ToolCallError(f"unknown tool {name!r}; tools: {', '.join(self._schema)}")
+        if name not in self.tools.schemas:
+            raise ToolCallError(f"unknown tool {name!r}; tools: {', '.join(self.tool_names)}")
         try:
-            args = check_arguments(self._schema[name], arguments)
+            args = check_arguments(self.tools.schemas[name], arguments)
+            return json.loads(self.tools.call(name, args).content)
         except ToolError as e:
             raise ToolCallError(f"{name}: {e}") from None
-        out = self._run(f"print(_runner.call_tool(_TOOLS, {name!r}, {json.dumps(args)!r}))")
-        if not out["ok"]:
-            raise ToolCallError(f"{name}: {out['error']}")
-        return out["result"]
 
     def verify(self, task: dict, answer: Any) -> tuple[bool, str]:
-        """The task's verifier on a submitted answer (in the sandbox)."""
+        """The task's verifier on a submitted answer, in the tools' kernel (it may call the tools)."""
+        nb = self.tools.session
+        if not (self._booted and nb.alive):          # first use, or the kernel restarted: load the runner
+            setup = (f"import json, sys, types\nsys.path.insert(0, {str(self.env)!r})\n"
+                     "_runner = types.ModuleType('dsv32_env_runner')\n"
+                     f"exec(compile({RUNNER_SOURCE!r}, 'runner.py', 'exec'), _runner.__dict__)\n"
+                     f"_TOOLS, _ = _runner.load_tools({str(self.env)!r})\n")
+            r = nb.execute(setup)
+            if not r.ok:
+                return False, f"verifier could not start: {r.error}"
+            self._booted = True
         payload = json.dumps(json.dumps(answer, default=str))
-        try:
-            ok, why = self._run(f"print(json.dumps(_runner.verify(_TOOLS, {task['verifier']!r}, "
-                                f"json.loads({payload}), {task['id']!r})))")
-        except ToolCallError as e:
-            return False, f"verifier failed: {e}"
+        r = nb.execute(f"print(json.dumps(_runner.verify(_TOOLS, {task['verifier']!r}, json.loads({payload}), "
+                       f"{task['id']!r})))")
+        if not r.ok or not r.output.strip():
+            self._booted = self._booted and not r.restarted
+            return False, f"verifier failed: {r.error}"
+        ok, why = json.loads(r.output.strip().splitlines()[-1])
         return bool(ok), str(why)
 
     def close(self) -> None:
-        self.nb.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        self.tools.close()
 
     def __enter__(self) -> ToolSession:
         return self
