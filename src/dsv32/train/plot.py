@@ -1,7 +1,9 @@
 """`dsv32 plot OUT [--out PNG]`: training curves from ``OUT/metrics.jsonl`` (matplotlib, Agg backend).
 
 Four panels: train/validation loss, the loss terms (LM, MTP, balance), learning rate and gradient norm,
-throughput (tokens/s) and MFU. Works on a run in progress (reads whatever has been logged so far).
+throughput (tokens/s) and MFU; for a `dsv32 rl` run (records with ``reward_mean``): reward and accuracy, KL and
+mismatch, the clipped/masked/flipped shares, and the rollout/reference/train time split. Works on a run in
+progress (reads whatever has been logged so far).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def plot_metrics(recs: list[dict[str, Any]], out: str | Path, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if any("reward_mean" in r for r in recs):
+        return _plot_rl(plt, recs, out, title)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
     ax = axes[0][0]
     ax.plot(*_series(recs, "loss"), label="train loss (total)", lw=1)
@@ -76,6 +80,44 @@ def plot_metrics(recs: list[dict[str, Any]], out: str | Path, title: str = "") -
     ms, mv = _series(recs, "mfu")
     ax2.plot(ms, [100 * v for v in mv], color="tab:orange", lw=1, alpha=0.7)
     ax2.set_ylabel("MFU %", color="tab:orange")
+
+    if title:
+        fig.suptitle(title)
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _plot_rl(plt: Any, recs: list[dict[str, Any]], out: str | Path, title: str) -> Path:
+    """The four panels of a `dsv32 rl` run: reward and accuracy; KL to the reference and the sampler/trainer
+    mismatch; the shares the stability measures act on (clipped tokens, OPSM-masked sequences, routes that
+    would flip without Keep Routing); seconds per step split into rollout / reference / train."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
+    ax = axes[0][0]
+    ax.plot(*_series(recs, "reward_mean"), label="reward (mean)", lw=1)
+    ax.plot(*_series(recs, "accuracy"), label="accuracy (sampled)", lw=1)
+    ax.set(xlabel="step", title="reward")
+    ax.legend()
+
+    ax = axes[0][1]
+    ax.plot(*_series(recs, "kl"), label="KL to the reference", lw=1)
+    ax.plot(*_series(recs, "mismatch_kl"), label="mismatch: mean logp_old - logp", lw=1)
+    ax.set(xlabel="step", title="KL and mismatch")
+    ax.legend()
+
+    ax = axes[1][0]
+    for key, label in (("clip_frac", "clipped tokens"), ("masked_frac", "OPSM-masked sequences"),
+                       ("route_flip_rate", "routes that would flip")):
+        ax.plot(*_series(recs, key), label=label, lw=1)
+    ax.set(xlabel="step", ylabel="share", title="stability measures at work")
+    ax.legend()
+
+    ax = axes[1][1]
+    for key in ("t_rollout", "t_reference", "t_train"):
+        ax.plot(*_series(recs, key), label=key.removeprefix("t_"), lw=1)
+    ax.set(xlabel="step", ylabel="seconds", title="time per step")
+    ax.legend()
 
     if title:
         fig.suptitle(title)
