@@ -224,6 +224,13 @@ def test_cli_writes_environments_and_summary(tmp_path, capsys):
         assert files == {"env.json", "db.sqlite", "tools.py", "checks.py", "tasks.jsonl"}
     assert "verified tasks" in capsys.readouterr().out
     assert cli_main(["--out", str(tmp_path), "--categories", "nope"]) == 2
+    # the pass@k filter from the command line: every task gets its pass_k, only solved ones stay
+    rc = cli_main(["--out", str(tmp_path / "pk"), "--categories", "sports", "--seeds", "1", "--random", "0",
+                   "--pass-k", "2", "--json", str(tmp_path / "pk.json")])
+    s = json.loads((tmp_path / "pk.json").read_text())
+    assert rc == 0 and s["pass_k"]["k"] == 2 and s["pass_k"]["kept"] + s["pass_k"]["dropped"] == s["tasks_kept"]
+    left = read_tasks(tmp_path / "pk" / "sports-0000")
+    assert len(left) == s["pass_k"]["kept"] and all(t["pass_k"]["solved"] >= 1 for t in left)
 
 
 def test_tool_session_runs_tools_in_the_sandbox(tmp_path):

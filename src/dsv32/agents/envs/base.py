@@ -253,9 +253,6 @@ def query_task(rng: random.Random, e: Entity, rows: list[dict], level: int) -> T
 
 # ------------------------------------------------------------------------------------------- categories
 
-TaskMaker = Callable[[random.Random, dict[str, list[dict]], int], "Task | None"]
-
-
 class Category:
     """One environment category. Subclasses set `name`, `description`, `entities`, optionally `tools`
     (extra tool source) and `templates` (bespoke task makers), and implement `build`."""
