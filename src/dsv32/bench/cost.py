@@ -1,13 +1,17 @@
 """`dsv32 bench cost`: one layer's attention cost by token position, dense MLA vs DSA (V3.2 paper, Figure 3).
 
 One ``dsv32.model.Attention`` layer with DeepSeek-V3.2's real shapes (hidden 7168, 128 heads, q_lora 1536,
-kv_lora 512, rope 64, nope 128, v 128, indexer 64 x 128, top-k 2048), random weights, fp32, all threads:
+kv_lora 512, rope 64, nope 128, v 128, indexer 64 x 128, top-k 2048), random weights, fp32, all threads
+(``--weights-format`` packs both sides' projections in a CPU inference format of ``dsv32.quant``):
 
 - prefill: a chunk of C=256 new queries at positions P..P+C-1.
   * dense (V3.1's MHA form): the chunk's projections (incl. its own K/V expansion: each token's per-token
     cost, paid once as in a full prefill), SDPA over the context's expanded K/V, built before the timer, and
-    o_proj. Where the 128-head K/V does not fit in memory, SDPA runs on a subset of heads and its time is
-    scaled by 128/heads (attention is independent per head; the table says which).
+    o_proj. The SDPA call is the model's own (``Attention._mha``): V zero-padded to the 192-wide Q/K head so
+    SDPA runs its flash kernel, forced with ``sdpa_kernel(FLASH_ATTENTION)`` (a fallback to the ~1.6x slower
+    math kernel is an error, not a slower baseline). Where the 128-head K/V does not fit in ``--kv-budget-gb``,
+    SDPA runs on a subset of heads and its time is scaled by 128/heads (attention is independent per head;
+    the table says which).
   * DSA: ``Attention.forward`` over a latent cache holding the context: projections, indexer, top-k, sparse
     MLA in the absorbed form, o_proj - the model's own code path.
 - decode: one new token for each of 8 sequences at position P, weights shared by the batch:
@@ -32,17 +36,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dsv32.cache import MLACache
 from dsv32.config import ModelConfig
 from dsv32.model import Attention, apply_rope_interleaved, rope_cos_sin, yarn_inv_freq
+from dsv32.quant import WEIGHT_FORMATS, pack_linears
 
 POSITIONS = [4096, 8192, 16384, 32768, 65536, 131072]
 QUICK_MAX = 32768
 QUICK_HEADS = 32  # --quick times the dense-prefill SDPA on this many heads (scaled to 128)
 PREFILL_CHUNK = 256
 DECODE_BATCH = 8
-KV_BUDGET_BYTES = 3 << 30  # expanded K/V of the dense-prefill context (fp32); beyond it, fewer heads are timed
+KV_BUDGET_BYTES = 4 << 30  # expanded K/V (V padded) of the dense-prefill context (fp32); beyond, fewer heads
 
 
 @dataclass
@@ -121,17 +127,20 @@ def cost_model(s: Shapes, phase: str, side: str, P: int, n: int) -> tuple[float,
     return flops, nbytes, 4.0 * weights
 
 
-def calibrate(rows: int = DECODE_BATCH) -> tuple[float, float, float]:
+def calibrate(rows: int = DECODE_BATCH, weights_format: str = "fp32") -> tuple[float, float, float]:
     """This machine's fp32 GEMM rate (FLOP/s), copy bandwidth (bytes/s, read + write) and the rate at which a
-    ``rows``-row ``F.linear`` streams a 128 MB weight (bytes/s), medians of 3."""
+    ``rows``-row linear in ``weights_format`` (``dsv32.quant``) streams a 128 MB fp32 weight (fp32-equivalent
+    bytes/s), medians of 3."""
     a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
     t_mm = _median_time(lambda: a @ b, 3).median
     x = torch.rand(64 << 20)
     y = torch.empty_like(x)
     t_cp = _median_time(lambda: y.copy_(x), 3).median
-    w, h = torch.rand(8192, 4096), torch.rand(rows, 4096)
-    t_w = _median_time(lambda: F.linear(h, w), 3).median
-    return 2 * 2048**3 / t_mm, 2 * (64 << 20) * 4 / t_cp, w.numel() * 4 / t_w
+    proj, h = torch.nn.Sequential(torch.nn.Linear(4096, 8192, bias=False)), torch.rand(rows, 4096)
+    pack_linears(proj, weights_format)
+    with torch.inference_mode():
+        t_w = _median_time(lambda: proj(h), 3).median
+    return 2 * 2048**3 / t_mm, 2 * (64 << 20) * 4 / t_cp, proj[0].weight.numel() * 4 / t_w
 
 
 # ============================================================================================ timing
@@ -184,13 +193,14 @@ def _rope(attn: Attention, positions: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def time_prefill(
-    attn: Attention, P: int, C: int, runs: int, max_heads: int | None = None
+    attn: Attention, P: int, C: int, runs: int, max_heads: int | None = None, kv_budget: int = KV_BUDGET_BYTES
 ) -> tuple[Timing, Timing, Timing, int]:
     """One chunk of C queries at P -> (DSA, dense per-token part, dense SDPA part, heads SDPA ran on).
 
     DSA is the model's own path over a latent cache of P tokens. Dense is the MHA form: the context's expanded
-    K/V is built before the timer for ``heads`` heads (all 128 when it fits in KV_BUDGET_BYTES); the SDPA time
-    is for those heads only and the caller scales it by 128/heads. The three parts are timed in turn.
+    K/V is built before the timer for ``heads`` heads (all 128 when it fits in ``kv_budget`` bytes), V padded
+    to the Q/K width as ``Attention._mha`` pads it; the SDPA time is for those heads only and the caller scales
+    it by 128/heads. The three parts are timed in turn.
     """
     cfg = attn.cfg
     H, dn, R, dv, dl = attn.n_heads, attn.nope, attn.rope, attn.v_dim, attn.kv_rank
@@ -200,10 +210,11 @@ def time_prefill(
     cache = _filled_cache(cfg, 1, P, C)
     T = P + C
     heads = min(H, max_heads or H)
-    while heads > 1 and 4 * T * heads * (dn + R + dv) > KV_BUDGET_BYTES:
+    while heads > 1 and 4 * T * heads * 2 * (dn + R) > kv_budget:
         heads //= 2
     k_ctx = torch.empty(1, heads, T, dn + R).uniform_(-1, 1)  # [1,h,T,Dn+R]
-    v_ctx = torch.empty(1, heads, T, dv).uniform_(-1, 1)  # [1,h,T,Dv]
+    v_ctx = torch.zeros(1, heads, T, dn + R)  # [1,h,T,Dn+R]: V in the first Dv dims, zero padding after
+    v_ctx[..., :dv].uniform_(-1, 1)
     mask = (torch.arange(T).view(1, T) <= positions.view(C, 1)).view(1, 1, C, T)  # as Attention._mha builds it
 
     def dsa() -> torch.Tensor:
@@ -225,11 +236,13 @@ def time_prefill(
     q_all, k_new, v_new = per_token()
 
     def sdpa() -> torch.Tensor:
-        """The chunk's K/V rows written into the expanded cache, then SDPA (``heads`` heads)."""
+        """The chunk's K/V rows written into the expanded cache, then flash SDPA (``heads`` heads)."""
         k_ctx[:, :, P:] = k_new[:, :heads]
-        v_ctx[:, :, P:] = v_new[:, :heads]
-        return F.scaled_dot_product_attention(q_all[:, :heads], k_ctx, v_ctx, attn_mask=mask,
-                                              scale=attn.softmax_scale)
+        v_ctx[:, :, P:, :dv] = v_new[:, :heads]
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(q_all[:, :heads], k_ctx, v_ctx, attn_mask=mask,
+                                               scale=attn.softmax_scale)
+        return o[..., :dv]
 
     t = _interleaved({"dsa": dsa, "per_token": per_token, "sdpa": sdpa}, runs)
     return t["dsa"], t["per_token"], t["sdpa"], heads
@@ -253,13 +266,16 @@ def time_decode(attn: Attention, P: int, batch: int, runs: int) -> tuple[Timing,
 
 
 def run(positions: list[int], *, runs: int, phases: list[str], chunk: int, batch: int,
-        max_heads: int | None = None, log: Callable[[str], None] = print) -> dict:
+        max_heads: int | None = None, kv_budget: int = KV_BUDGET_BYTES, weights_format: str = "fp32",
+        log: Callable[[str], None] = print) -> dict:
     cfg = ModelConfig.from_name("deepseek-v3.2")
     shapes = Shapes.of(cfg)
-    flops_rate, bandwidth, weight_rate = calibrate(batch)
+    flops_rate, bandwidth, weight_rate = calibrate(batch, weights_format)
     log(f"# calibration: fp32 GEMM {flops_rate / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s, "
-        f"{batch}-row linear streams weights at {weight_rate / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
+        f"{batch}-row {weights_format} linear streams weights at {weight_rate / 1e9:.1f} GB/s (fp32-equivalent), "
+        f"{torch.get_num_threads()} threads")
     attn = build_attention(cfg)
+    pack_linears(attn, weights_format)  # both sides run the same (packed) projections
     points: list[Point] = []
 
     def predict(phase: str, side: str, P: int, n: int) -> float:
@@ -272,7 +288,7 @@ def run(positions: list[int], *, runs: int, phases: list[str], chunk: int, batch
         for phase in phases:
             for P in positions:
                 if phase == "prefill":
-                    dsa, proj, core, heads = time_prefill(attn, P, chunk, runs, max_heads)
+                    dsa, proj, core, heads = time_prefill(attn, P, chunk, runs, max_heads, kv_budget)
                     dense_runs = [p + c * shapes.H / heads for p, c in zip(proj.runs, core.runs)]
                     dense_s = proj.median + core.median * shapes.H / heads
                     n = chunk
@@ -287,12 +303,15 @@ def run(positions: list[int], *, runs: int, phases: list[str], chunk: int, batch
                 log(f"{phase:<8} {P:>7} {pt.dense_s:>9.3f} {pt.dsa_s:>9.3f} {pt.ratio:>6.2f}x {pt.model_ratio:>6.2f}x "
                     f"{pt.ratio / pt.model_ratio:>7.0%}  {note}")
     settings = {
-        "model": "deepseek-v3.2 attention (one layer, random weights, fp32)",
+        "model": "deepseek-v3.2 attention (one layer, random weights, fp32 activations)",
         "shapes": asdict(shapes),
         "prefill_chunk": chunk,
         "decode_batch": batch,
         "runs": runs,
         "dense_prefill_max_heads": max_heads,
+        "dense_prefill_kv_budget_bytes": kv_budget,
+        "dense_prefill_sdpa": "flash (forced), V padded to the Q/K head width as in Attention._mha",
+        "weights_format": weights_format,
         "statistic": "median after one warm-up call",
         "threads": torch.get_num_threads(),
         "gemm_flops_per_s": flops_rate,
@@ -353,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="at most this many heads in the dense-prefill SDPA (time scaled to all heads)")
     ap.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="prefill queries per call")
     ap.add_argument("--batch", type=int, default=DECODE_BATCH, help="decode sequences per call")
+    ap.add_argument("--kv-budget-gb", type=float, default=KV_BUDGET_BYTES / 2**30,
+                    help="GiB of expanded dense-prefill K/V; beyond it SDPA runs on fewer heads (scaled)")
+    ap.add_argument("--weights-format", choices=WEIGHT_FORMATS, default="fp32",
+                    help="projection weights of both sides (dsv32.quant.pack_linears; CPU inference formats)")
     ap.add_argument("--json", metavar="FILE", help="write {points: [...], settings: {...}}")
     ap.add_argument("--plot", metavar="FILE", help="write a PNG plot (matplotlib)")
     args = ap.parse_args(argv)
@@ -360,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs or (2 if args.quick else 5)
     max_heads = args.dense_heads or (QUICK_HEADS if args.quick else None)
     phases = ["prefill", "decode"] if args.phase == "both" else [args.phase]
-    result = run(positions, runs=runs, phases=phases, chunk=args.chunk, batch=args.batch, max_heads=max_heads)
+    result = run(positions, runs=runs, phases=phases, chunk=args.chunk, batch=args.batch, max_heads=max_heads,
+                 kv_budget=int(args.kv_budget_gb * 2**30), weights_format=args.weights_format)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
