@@ -272,6 +272,21 @@ def test_pass_k_filter_keeps_what_a_policy_solves(tmp_path):
     assert all(t["pass_k"] == {"k": 2, "tries": 2, "solved": 0} for t in dropped)
 
 
+def test_no_sandbox_no_run_unless_unsafe(tmp_path, monkeypatch, capsys):
+    """Without bwrap on PATH, synth refuses (exit 1, says why); --unsafe is the user's explicit way out."""
+    need_sandbox()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    sandbox_available.cache_clear()
+    try:
+        assert cli_main(["--out", str(tmp_path / "a"), "--categories", "bank", "--seeds", "1"]) == 1
+        assert "no working sandbox" in capsys.readouterr().err
+        assert cli_main(["--out", str(tmp_path / "b"), "--categories", "bank", "--seeds", "1", "--unsafe"]) == 0
+        assert "6 verified tasks" in capsys.readouterr().out
+    finally:
+        monkeypatch.undo()
+        sandbox_available.cache_clear()
+
+
 @pytest.mark.slow
 def test_targets_1000_verified_tasks(tmp_path):
     """The issue's target: >= 1,000 verified tasks in >= 20 categories, reference 100%, random < 5%, empty 0%."""

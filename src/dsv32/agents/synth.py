@@ -27,6 +27,7 @@ from dsv32.agents.envs import CATEGORIES
 from dsv32.agents.envs.base import Environment, generate, write_tasks
 from dsv32.agents.envs.llm import LLMEnvBuilder, http_chat
 from dsv32.agents.envs.session import POLICIES, Policy, filter_pass_k, run_jobs
+from dsv32.agents.sandbox import SandboxUnavailable
 
 
 @dataclass
@@ -136,6 +137,14 @@ def synthesize(out: Path, categories: Sequence[str], seeds: Sequence[int], level
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _cli(argv)
+    except SandboxUnavailable as e:         # tools, solutions and verifiers are untrusted: no sandbox, no run
+        print(f"dsv32 synth: {e}", file=sys.stderr)
+        return 1
+
+
+def _cli(argv: Sequence[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="dsv32 synth", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="output directory (one sub-directory per environment)")
