@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from dsv32.quant import WEIGHT_FORMATS, pack_linears
 from dsv32.registry import load_model
 from dsv32.sampling import sample
 from dsv32.tokenizer import Detokenizer, Tokenizer, load_tokenizer
@@ -74,9 +75,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dense", action="store_true", help="turn DSA off (dense MLA)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     p.add_argument("--num-layers", type=int, default=None, help="load only the first N layers (debugging)")
+    p.add_argument("--weights-format", choices=WEIGHT_FORMATS, default="fp32",
+                   help="CPU inference format of the linear weights (dsv32.quant.pack_linears)")
     args = p.parse_args(argv)
 
     model = load_model(args.model, num_layers=args.num_layers).eval()
+    pack_linears(model, args.weights_format)
     tok = load_tokenizer(args.model)
     ids = tok.encode(args.prompt, add_bos=not args.no_bos)
     stops = tuple(i for i in (tok.eos_id,) if i is not None)

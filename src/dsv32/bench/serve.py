@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from dsv32.quant import WEIGHT_FORMATS, pack_linears
+
 # ============================================================================================ records
 
 
@@ -308,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--followup-doc", type=int, default=2048, help="document tokens of the follow-up test (0: skip)")
     ap.add_argument("--quick", action="store_true", help="tiny random V3.2 model, ours only, short")
+    ap.add_argument("--weights-format", choices=WEIGHT_FORMATS, default="fp32",
+                    help="our engine's linear weights (dsv32.quant.pack_linears); HF and llama.cpp are unchanged")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -348,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             args.no_hf = True  # HF's V3.2 class builds random weights only; the comparison needs the same weights
             args.no_llama_cpp = True
 
+    pack_linears(model, args.weights_format)  # in place; the state dict (fp32 weights, HF's copy) is unchanged
     rows: list[Row] = []
     runs: dict[tuple[str, int], list[Timing]] = {}
     print(f"dsv32 bench serve: {args.model}, prompts {args.prompt_len} tokens, {args.new_tokens} new tokens "
