@@ -18,6 +18,7 @@ import torch
 
 from agent_fakes import TASK, FakeEndpoint, tc, write_shop_env
 from dsv32 import chat
+from dsv32.agents.cli import cli_main as agent_main
 from dsv32.agents.loop import (
     SUMMARY_PROMPT,
     AgentConfig,
@@ -341,3 +342,24 @@ def test_loop_against_dsv32_serve(env_dir):
     first = traj.messages[2]
     assert first["reasoning_content"] == "I need the price of apples." and first["content"] == "Let me look it up."
     assert [c["name"] for c in traj.calls] == ["get_price", "get_price", "submit_result"]
+
+
+def test_dsv32_agent_cli_prints_the_transcript(env_dir, tmp_path, capsys):
+    replies = [{"content": "", "reasoning_content": "check the price", "tool_calls": [
+        tc(0, "get_price", {"item": "apples"})]},
+               {"content": "", "tool_calls": [tc(1, "submit_result", {"answer": 6})]}]
+    ep = FakeEndpoint(by_turn(replies))
+    try:
+        rc = agent_main(["--base-url", ep.url, "--env", str(env_dir), "--task", "shop-0", "--thinking", "on",
+                         "--messages", str(tmp_path / "t.json"), *(["--unsafe"] if UNSAFE else [])])
+    finally:
+        ep.close()
+    out = capsys.readouterr().out
+    assert rc == 0
+    for line in ["[task shop-0] What do two apples cost", "--- turn 1", "[reasoning] check the price",
+                 '[call] get_price({"item": "apples"})', "[result] get_price: 3", "--- turn 2",
+                 "[call] submit_result(", "[stop] submit; 2 turns, 2 tool calls (2 valid)", "[answer] 6",
+                 "[verdict] correct"]:
+        assert line in out, (line, out)
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["verdict"] == "correct" and saved["messages"][2]["reasoning_content"] == "check the price"
