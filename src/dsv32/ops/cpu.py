@@ -203,13 +203,15 @@ def _rows_per_chunk(H: int, K: int, D: int, n_hk: int) -> int:
     return max(1, WORK_BYTES // (4 * (K * D * 2 + n_hk * H * K)))
 
 
-def _flat_rows(idx: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """idx [B,S,K] -> (row ids into the flattened [B*T] key axis, -1 slots pointing at row 0) [R,K], valid [R,K]."""
+def _flat_rows(idx: torch.Tensor, r0: int, r1: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows [r0, r1) of idx [B,S,K] -> (int64 row ids into the flattened [B*T] key axis, -1 slots pointing
+    at their batch's row 0) [n,K], valid [n,K]. Built per chunk: for all B*S rows at once the int64 ids alone
+    would be 2 GB at S = 128K, K = 2048."""
     B, S, K = idx.shape
-    valid = idx >= 0
-    base = (torch.arange(B, device=idx.device) * T).view(B, 1, 1)
-    rows = torch.where(valid, idx.long() + base, base.expand(B, S, K))
-    return rows.reshape(B * S, K), valid.reshape(B * S, K)
+    sel = idx.reshape(B * S, K)[r0:r1]  # [n,K]
+    valid = sel >= 0
+    base = (torch.arange(r0, r1, device=idx.device) // S * T).view(-1, 1)  # [n,1] int64: b * T
+    return torch.where(valid, sel.long() + base, base), valid
 
 
 def _sparse_fwd_chunk(
@@ -237,17 +239,16 @@ def sparse_mla_forward(
     """No-autograd forward: q [B,S,H,D], kv [B,T,D], idx [B,S,K] -> (out [B,S,H,Dv] fp32, lse [B,S,H] fp32)."""
     B, S, H, D = q.shape
     T, K = kv.shape[1], idx.shape[-1]
-    rows, valid = _flat_rows(idx, T)  # [R,K]
     kv_flat = kv.reshape(B * T, D)
     q_flat = q.reshape(B * S, H, D)
     out = torch.empty(B * S, H, v_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(B * S, H, dtype=torch.float32, device=q.device)
-    all_valid = bool(valid.all())  # the common case past the first K positions: no masking pass
     C = _rows_per_chunk(H, K, D, 1)
     for r0 in range(0, B * S, C):
         r1 = min(B * S, r0 + C)
-        kv_sel = kv_flat.index_select(0, rows[r0:r1].reshape(-1)).view(r1 - r0, K, D).float()  # [C,K,D]
-        v = None if all_valid else valid[r0:r1]
+        rows, valid = _flat_rows(idx, r0, r1, T)  # [C,K]
+        kv_sel = kv_flat.index_select(0, rows.reshape(-1)).view(r1 - r0, K, D).float()  # [C,K,D]
+        v = None if bool(valid.all()) else valid  # the common case past the first K positions: no masking pass
         out[r0:r1], lse[r0:r1] = _sparse_fwd_chunk(q_flat[r0:r1].float(), kv_sel, v, v_dim, scale)
     return out.view(B, S, H, v_dim), lse.view(B, S, H)
 
@@ -271,7 +272,6 @@ def sparse_mla_backward(
     """
     B, S, H, D = q.shape
     T, K = kv.shape[1], idx.shape[-1]
-    rows, valid = _flat_rows(idx, T)
     kv_flat = kv.reshape(B * T, D)
     q_flat, o_flat, do_flat = q.reshape(B * S, H, D), out.reshape(B * S, H, v_dim), dout.reshape(B * S, H, v_dim)
     lse_flat = lse.reshape(B * S, H)
@@ -282,13 +282,14 @@ def sparse_mla_backward(
     for r0 in range(0, B * S, C):
         r1 = min(B * S, r0 + C)
         n = r1 - r0
-        rr = rows[r0:r1].reshape(-1)
+        rows, valid = _flat_rows(idx, r0, r1, T)  # [C,K]
+        rr = rows.reshape(-1)
         kv_sel = kv_flat.index_select(0, rr).view(n, K, D).float()  # [C,K,D]
         qs = q_flat[r0:r1].float() * scale  # [C,H,D]
         do = do_flat[r0:r1].float()  # [C,H,Dv]
         lse_c = lse_flat[r0:r1]
         s = torch.bmm(qs, kv_sel.transpose(1, 2))  # [C,H,K]
-        s.masked_fill_(~valid[r0:r1].unsqueeze(1), float("-inf"))
+        s.masked_fill_(~valid.unsqueeze(1), float("-inf"))
         p = s.sub_(torch.where(torch.isfinite(lse_c), lse_c, 0.0).unsqueeze(-1)).exp_()  # [C,H,K]
         dp = torch.bmm(do, kv_sel[..., :v_dim].transpose(1, 2))  # [C,H,K]
         delta = (do * o_flat[r0:r1].float()).sum(-1)  # [C,H]
