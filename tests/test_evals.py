@@ -24,6 +24,7 @@ from dsv32.registry import (
     read_indexer_file,
     save_indexer,
 )
+from dsv32.train.indexer_loss import Target
 
 
 class CharTok:
@@ -149,6 +150,12 @@ def test_needle_selection_diagnostic() -> None:
     full = needle_selection(m, it.ids, it.answer_len, needle, topk=400)  # k covers every key: all of the needle
     assert full["needle_tokens_selected"] == [float(n)] * m.config.num_hidden_layers
     assert full["max_head_mass"] == small["max_head_mass"]  # the dense side does not depend on k
+    targets = [Target("head-sum"), Target("head-max"), Target("per-head-kl")]
+    tgt = needle_selection(m, it.ids, it.answer_len, needle, topk=16, targets=targets)
+    for t in targets:
+        assert all(0 <= x <= 16 for x in tgt[f"target_{t.kind}_needle_tokens"])
+    tgt = needle_selection(m, it.ids, it.answer_len, needle, topk=400, targets=targets)
+    assert all(tgt[f"target_{t.kind}_needle_tokens"] == [float(n)] * 2 for t in targets)
 
 
 # ------------------------------------------------------------------------------------------ ops.override, load_model

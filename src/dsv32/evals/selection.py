@@ -2,7 +2,9 @@
 
 For the answer positions of a retrieval prompt, one dense forward with the indexer outputs gives, per layer, (a)
 how many of the needle's tokens the indexer's top-k would select (mean over answer rows) and (b) the largest
-per-head share of dense attention on the needle (mean over answer rows). A retrieval head that attends to the
+per-head share of dense attention on the needle (mean over answer rows); with ``--targets``, (c) the needle tokens
+in the top-k of each indexer training target (``dsv32 sparsify --target``): what a perfectly trained indexer
+would keep under that target. A retrieval head that attends to the
 needle while the indexer drops it is what breaks retrieval under DSA (docs/sparsify.md). Llama family
 (``LlamaAttnAux``: post-RoPE GQA ``q``/``k``).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,30 +29,40 @@ from dsv32.data import load_split_texts
 from dsv32.evals.needles import TASKS, Haystack, eval_texts, make_item
 from dsv32.evals.passkey import NEEDLE, passkey_items
 from dsv32.ops import reference as ref
+from dsv32.ops.reference import causal_mask
 from dsv32.registry import load_model
 from dsv32.tokenizer import load_gguf_tokenizer
+from dsv32.train.indexer_loss import TARGETS, Target, target_dist
 
 
 @torch.no_grad()
 def needle_selection(model: torch.nn.Module, ids: Sequence[int], answer_len: int, needle: Sequence[int],
-                     topk: int) -> dict[str, list[float]]:
+                     topk: int, targets: Sequence[Target] = ()) -> dict[str, list[float]]:
     """Per layer: needle tokens (positions ``needle``) in the indexer's top-``topk`` and the max-head dense
-    attention mass on them, both averaged over the rows that predict the last ``answer_len`` tokens of ``ids``."""
+    attention mass on them, both averaged over the rows that predict the last ``answer_len`` tokens of ``ids``.
+
+    ``targets``: for each indexer training target (``dsv32.train.indexer_loss.Target``), the needle tokens inside
+    the top-``topk`` of the target distribution itself, i.e. what an indexer that matched that target exactly
+    would keep (``target_<kind>_needle_tokens``)."""
     x = torch.tensor(list(ids)[:-1]).unsqueeze(0)
     out = model.forward(x, dense=True, return_indexer=True, compute_logits=False)
     S = x.shape[1]
     rows = torch.arange(S - answer_len, S)
     pos = torch.tensor(list(needle))
-    selected, mass = [], []
+    vis = causal_mask(rows.view(1, -1), S)[0]  # [r,T]: the answer rows do not see the keys after them
+    res: dict[str, list[float]] = {"needle_tokens_selected": [], "max_head_mass": []}
     for aux in out.indexer:
         scores = ref.indexer_scores(aux.index_q[:, rows], aux.index_w[:, rows], aux.index_k)[0]  # [r,T]
-        sel = scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
-        selected.append(float(torch.isin(sel, pos).float().sum(-1).mean()))
-        q, k = aux.q[0, rows], aux.k[0]  # [r,H,D], [T,Hkv,D]
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [T,H,D]
-        p = torch.softmax(torch.einsum("rhd,thd->rht", q, k) * aux.scale, dim=-1)  # causal: rows are the last ones
-        mass.append(float(p[..., pos].sum(-1).max(-1).values.mean()))
-    return {"needle_tokens_selected": selected, "max_head_mass": mass}
+        sel = scores.masked_fill(~vis, -math.inf).topk(min(topk, S), dim=-1).indices
+        res["needle_tokens_selected"].append(float(torch.isin(sel, pos).float().sum(-1).mean()))
+        P = torch.softmax(aux.main_logits(rows).masked_fill(~vis, -math.inf), dim=-1)  # [1,H,r,T]
+        res["max_head_mass"].append(float(P[0][..., pos].sum(-1).max(0).values.mean()))
+        for t in targets:
+            p, _ = target_dist(P, t, torch.arange(S).view(1, 1, S))  # [1,r,T]
+            top = p[0].topk(min(topk, S), dim=-1).indices
+            res.setdefault(f"target_{t.kind}_needle_tokens", []).append(float(torch.isin(top, pos).sum(-1).float()
+                                                                               .mean()))
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, nargs="+", default=[0, 1, 2], help="which items")
     ap.add_argument("--text", default=None, help="legacy: text root (default runs/raw/raw); else the eval source")
     ap.add_argument("--seed", type=int, default=0, help="legacy items' seed")
+    ap.add_argument("--targets", nargs="*", choices=TARGETS, default=[],
+                    help="also the needle tokens in the top-k of these indexer training targets (per layer)")
+    ap.add_argument("--peak-beta", type=float, default=8.0, help="per-head-kl target: head weight sharpness")
     args = ap.parse_args(argv)
     tok = load_gguf_tokenizer()
     model = load_model("smollm2-135m", indexer=args.indexer, topk=args.topk)
@@ -78,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in args.items:
             it = make_item(tok, hay, args.task, args.context, i)
             chosen.append((i, it.ids, it.answer_len, it.needle_positions, it.depth))
+    targets = [Target(t, peak_beta=args.peak_beta) for t in args.targets]
     for i, ids, a_len, needle, depth in chosen:
-        r = needle_selection(model, ids, a_len, needle, args.topk)
+        r = needle_selection(model, ids, a_len, needle, args.topk, targets)
         print(json.dumps({"task": args.task, "item": i, "depth": depth, "needle_tokens": len(needle),
                           **{k: [round(x, 2) for x in v] for k, v in r.items()}}))
     return 0
