@@ -184,8 +184,9 @@ def query_task(rng: random.Random, e: Entity, rows: list[dict], level: int) -> T
             col = rng.choice(free_nums)
             vals = sorted(r[col] for r in cand)
             ge = rng.random() < 0.5
-            thr = vals[rng.randint(0, max(0, len(vals) - 3))] if ge else vals[rng.randint(min(2, len(vals) - 1),
-                                                                                         len(vals) - 1)]
+            # a threshold taken from the data itself, leaving at least about 3 rows on the kept side
+            lo, hi = (0, max(0, len(vals) - 3)) if ge else (min(2, len(vals) - 1), len(vals) - 1)
+            thr = vals[rng.randint(lo, hi)]
             keep = [r for r in cand if (r[col] >= thr if ge else r[col] <= thr)]
             conds.append(f"r[{col!r}] {'>=' if ge else '<='} {thr!r}")
             phrases.append(f"whose {e.numbers[col]} is {'at least' if ge else 'at most'} {_fmt(thr)}")
