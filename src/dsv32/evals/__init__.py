@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from dsv32.evals import agent, passkey, ppl, retrieval
+from dsv32.evals import agent, passkey, ppl, retrieval, tasks
 from dsv32.evals.common import (
     DEFAULT_TEXT,
     add_common_args,
@@ -42,7 +42,8 @@ from dsv32.evals.modes import (
     window_selection,
 )
 
-_EVALS = {"ppl": ppl.cli_main, "passkey": passkey.cli_main, "retrieval": retrieval.cli_main, "agent": agent.cli_main}
+_EVALS = {"ppl": ppl.cli_main, "passkey": passkey.cli_main, "retrieval": retrieval.cli_main, "agent": agent.cli_main,
+          "tasks": tasks.cli_main}
 
 
 def cli_main(argv: list[str]) -> int:

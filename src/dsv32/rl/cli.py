@@ -45,7 +45,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsv32.chat import IM_END, IM_START, encode_chat
 from dsv32.checkpoint import save_model
 from dsv32.engine import Engine
 from dsv32.llama import LlamaModel, save_hf
@@ -54,7 +53,7 @@ from dsv32.rl import rollout as rollout_io
 from dsv32.rl.rewards import RewardConfig
 from dsv32.rl.rollout import Rollout, sample_groups
 from dsv32.rl.step import GRPOConfig, frozen_copy, grpo_update
-from dsv32.rl.tasks import Item, Task, get_task, score_rollouts
+from dsv32.rl.tasks import ChatCodec, Item, Task, get_task, score_rollouts
 from dsv32.tokenizer import Tokenizer, load_tokenizer
 from dsv32.train.run import RunLoop
 
@@ -127,28 +126,6 @@ class TaskMix:
             pool = self.pools[name]
             out.append(pool[rng.randrange(len(pool))])
         return out
-
-
-@dataclass
-class ChatCodec:
-    """Prompts in the model's chat format (ChatML when the tokenizer has ``<|im_start|>``, else V3.2's), the
-    stop ids, and decoding of completions."""
-
-    tokenizer: Tokenizer
-    family: str
-    stop_ids: tuple[int, ...]
-
-    @classmethod
-    def for_tokenizer(cls, tok: Tokenizer) -> ChatCodec:
-        family = "chatml" if tok.token_to_id(IM_START) is not None else "deepseek-v3.2"
-        stops = {tok.eos_id, tok.token_to_id(IM_END) if family == "chatml" else None}
-        return cls(tok, family, tuple(sorted(t for t in stops if t is not None)))
-
-    def prompt(self, text: str) -> list[int]:
-        return encode_chat([{"role": "user", "content": text}], family=self.family, tokenizer=self.tokenizer)[0]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 # ============================================================================================ model I/O

@@ -14,8 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsv32.chat import IM_END, IM_START, encode_chat
 from dsv32.rl.rewards import FORMAT_INSTRUCTION, RewardConfig, extract_answer, math_equal, shaped_reward
 from dsv32.rl.rollout import Rollout
+from dsv32.tokenizer import Tokenizer
 
 SPLITS = ("train", "heldout")
 HELDOUT_EVERY = 8
@@ -140,3 +142,25 @@ def score_rollouts(
         ro.task = item.task
         ro.meta.update(split=item.split, item=item.index, answer=item.answer)
     return sum(ro.verdict == "correct" for ro in rollouts) / max(len(rollouts), 1)
+
+
+@dataclass
+class ChatCodec:
+    """Prompts in the model's chat format (ChatML when the tokenizer has ``<|im_start|>``, else V3.2's), the
+    stop ids, and decoding of completions."""
+
+    tokenizer: Tokenizer
+    family: str
+    stop_ids: tuple[int, ...]
+
+    @classmethod
+    def for_tokenizer(cls, tok: Tokenizer) -> ChatCodec:
+        family = "chatml" if tok.token_to_id(IM_START) is not None else "deepseek-v3.2"
+        stops = {tok.eos_id, tok.token_to_id(IM_END) if family == "chatml" else None}
+        return cls(tok, family, tuple(sorted(t for t in stops if t is not None)))
+
+    def prompt(self, text: str) -> list[int]:
+        return encode_chat([{"role": "user", "content": text}], family=self.family, tokenizer=self.tokenizer)[0]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,60 @@
+"""`dsv32 eval tasks`: pass@k against hand-computed numbers, a scripted model that answers correctly scores 1
+through the real engine and checker, and the CLI end to end on the tiny V3.2 preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv32.evals import cli_main as eval_main
+from dsv32.evals.tasks import evaluate, ks_for, pass_at_k
+from dsv32.rl.tasks import ChatCodec, get_task
+from serving_fakes import byte_tokenizer, scripted
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(4, 1, 1) == pytest.approx(1 / 4)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0 and pass_at_k(3, 2, 2) == 1.0
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(2, 1, 3)
+    assert ks_for(8) == [1, 2, 4, 8] and ks_for(6) == [1, 2, 4, 6] and ks_for(1) == [1]
+
+
+@pytest.mark.parametrize("family", ["deepseek-v3.2", "chatml"])
+def test_scripted_perfect_answer_scores_one(family: str):
+    tok = byte_tokenizer(family)
+    task = get_task("chain_sum")
+    items = task.items("heldout", 2, seed=0)
+    assert items[0].answer != items[1].answer
+    model = scripted(tok, f"Adding up: <answer>{items[0].answer}</answer>")  # right for item 0 only
+    out = evaluate(model, ChatCodec.for_tokenizer(tok), task, items[:1], samples=3, max_new_tokens=40)
+    r = out["results"]
+    assert r["greedy_accuracy"] == 1.0 and r["pass@1"] == 1.0 and r["pass@3"] == 1.0
+    assert out["items"][0]["verdict"] == "correct" and out["items"][0]["correct_of_samples"] == 3
+    both = evaluate(model, ChatCodec.for_tokenizer(tok), task, items, samples=2, max_new_tokens=40)["results"]
+    assert both["greedy_accuracy"] == 0.5 and both["pass@2"] == 0.5 and both["greedy_no_answer"] == 0.0
+
+
+def test_cli_on_tiny_preset(tmp_path: Path):
+    byte_tokenizer().save(tmp_path / "tok")
+    out = tmp_path / "eval.json"
+    assert eval_main(["tasks", "--model", "preset:tiny", "--tokenizer", str(tmp_path / "tok"), "--task", "chain_sum",
+                      "--num", "3", "--samples", "2", "--max-new-tokens", "4", "--threads", "1", "--json",
+                      str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["eval"] == "tasks" and res["settings"]["split"] == "heldout" and res["settings"]["num"] == 3
+    r = res["results"]
+    assert r["greedy_accuracy"] == 0.0 and r["pass@1"] == 0.0 and r["pass@2"] == 0.0  # random weights
+    assert r["greedy_completion_len"] == 4.0
