@@ -3,6 +3,7 @@ check that training data never holds the evaluation's templates, key format or h
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -17,6 +18,7 @@ from dsv32.data.synthetic import FillerSampler, make_retrieval_doc, make_synthet
 from dsv32.evals import needles as nd
 from dsv32.evals import retrieval
 from dsv32.llama import LlamaConfig, LlamaModel
+from dsv32.train import sparsify
 
 
 class CharTok:
@@ -119,6 +121,8 @@ def test_prepared_manifest_is_checked_against_templates_keys_and_source(tmp_path
     kw = {"tokenizer": "dsv32-small-8k", "progress": False, "log": lambda s: None, "val_fraction": 0.2}
     prepare(tmp_path / "ok", texts=[src], synthetic_frac=0.3, synthetic_chars=1500, **kw)
     assert nd.check_training_data(tmp_path / "ok") == []
+    args = argparse.Namespace(data=tmp_path / "ok", seed=0, batch_size=1, seq_len=32)
+    assert sparsify._batches(args, None)[1]["holds_eval_source"] is False  # what dsv32 sparsify --data records
     (src / "doc7.txt").write_text(prose(7, 30) + "\nArchive note: the vault combination is 123-4567.\n")
     prepare(tmp_path / "bad", texts=[src], **kw)
     problems = nd.check_training_data(tmp_path / "bad")
@@ -132,6 +136,8 @@ def test_prepared_manifest_is_checked_against_templates_keys_and_source(tmp_path
     except DataError as e:
         pytest.skip(f"{nd.EVAL_SOURCE} not available offline: {e}")
     assert any("evaluation source" in p for p in nd.check_training_data(tmp_path / "src"))
+    args.data = tmp_path / "src"
+    assert sparsify._batches(args, None)[1]["holds_eval_source"] is True
 
 
 def test_score_items_and_needle_recall(hay) -> None:

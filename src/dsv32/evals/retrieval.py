@@ -79,6 +79,7 @@ def score_items(model: nn.Module, items: list[NeedleItem], *, mode: str, k: int 
         rec: dict[str, Any] = {
             "depth": it.depth, "answer": it.answer, "spans": [list(s) for s in it.spans],
             "correct": bool((pred == target).all()), "answer_tokens_right": int((pred == target).sum()),
+            "wrong_at": [i for i, ok in enumerate((pred == target).tolist()) if not ok],  # answer token indices
             "needle_in_window": reach is not None and all(a >= reach for a, _ in it.spans),
         }
         if needle_recall:

@@ -295,7 +295,9 @@ def _batches(args: argparse.Namespace, tok: Any) -> tuple[Callable[[int], torch.
     either way the text is checked against the retrieval evaluation's templates and key format first."""
     if args.data is not None:
         ds = TokenDataset(args.data, "train", seed=args.seed)
-        info = {"data": str(args.data), "split": "train", "tokens": ds.num_tokens}
+        # recorded, not refused: older datasets hold every source (a full check: python -m dsv32.evals.needles DIR)
+        info = {"data": str(args.data), "split": "train", "tokens": ds.num_tokens,
+                "holds_eval_source": EVAL_SOURCE in ds.manifest["sources"]}
         return lambda step: ds.batch(step, batch_size=args.batch_size, seq_len=args.seq_len), info
     if args.text is None:
         raise SystemExit("dsv32 sparsify: give --data DIR or --text DIR...")
