@@ -178,6 +178,15 @@ class Trip(Category):
                      "AND to_city = ? COLLATE NOCASE ORDER BY price", (from_city, to_city))
 
 
+    def get_city_transport(city: str) -> list[dict]:
+        """Transport inside a city: mode (metro, bus, taxi) and the usual fare per ride in CNY.
+
+        Args:
+            city: city name
+        """
+        return _rows("SELECT mode, fare FROM city_transport WHERE city = ? COLLATE NOCASE ORDER BY fare", (city,))
+
+
     def get_weather_by_city_date(city: str, date: str) -> dict:
         """Forecast for a city on a date (YYYY-MM-DD): condition and high/low temperature in Celsius.
 
@@ -220,6 +229,8 @@ class Trip(Category):
                                               {"from_city": b, "to_city": a, "mode": mode, "price": p, "hours": h}]
         data["weather"] = [{"city": c, "date": date(d), "condition": rng.choice(["sunny", "cloudy", "rain"]),
                             "high": rng.randint(14, 30), "low": rng.randint(5, 13)} for c in cities for d in (1, 2, 3)]
+        data["city_transport"] = [{"city": c, "mode": m, "fare": price(rng, lo, hi, 1)} for c in cities
+                                  for m, lo, hi in (("metro", 2, 8), ("bus", 1, 4), ("taxi", 15, 60))]
         return data
 
     def plan(self, rng: random.Random, data: dict[str, list[dict]], level: int) -> Task | None:
