@@ -172,18 +172,20 @@ def sample_groups(
     top_k: int = 0,
     stop_token_ids: Sequence[int] = (),
     keep_routes: bool = True,
+    first_prompt: int = 0,
 ) -> list[Rollout]:
     """Sample ``group_size`` completions of every prompt; returns rollouts prompt-major (group, sample).
 
     Every completion is its own request with its own derived seed (:func:`completion_seed`), so its tokens do
     not depend on how the engine batched it. The engine reports the sampler's log-probabilities, the kept ids
     (when top-k/top-p/temperature truncates) and, with ``keep_routes``, the MoE routes. Rewards are the
-    caller's (decode, then score with a task).
+    caller's (decode, then score with a task). ``first_prompt``: the step-wide index of ``prompts[0]`` (a worker
+    sampling a slice of the step's prompts numbers groups, and so derives seeds, as one process would).
     """
     if temperature <= 0:
         raise ValueError("RL sampling needs temperature > 0 (greedy rollouts have no log-probabilities)")
     handles = []
-    for g, prompt in enumerate(prompts):
+    for g, prompt in enumerate(prompts, start=first_prompt):
         for j in range(group_size):
             seed = completion_seed(run_seed, step, g, j)
             params = SamplingParams(
