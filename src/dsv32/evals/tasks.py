@@ -33,7 +33,7 @@ from dsv32.engine import Engine, SamplingParams
 from dsv32.evals.common import load_weights, write_json
 from dsv32.registry import load_model
 from dsv32.rl.rollout import completion_seed
-from dsv32.rl.tasks import ChatCodec, Item, Task, get_task
+from dsv32.rl.tasks import ChatCodec, Item, Task, get_task, parse_task_config
 from dsv32.tokenizer import load_tokenizer
 
 
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "a checkpoint directory or a .safetensors state dict)")
     p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
     p.add_argument("--task", required=True, help="task name (dsv32.rl.tasks)")
+    p.add_argument("--task-config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="generator settings (as `dsv32 rl --task-config NAME.KEY=VALUE`), e.g. max_terms=2")
     p.add_argument("--num", type=int, default=200, help="held-out items")
     p.add_argument("--samples", type=int, default=0, help="sampled completions per item for pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --samples")
@@ -148,8 +150,9 @@ def cli_main(argv: Sequence[str]) -> int:
         raise SystemExit(f"dsv32 eval tasks: the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                          f"{model.config.vocab_size}; pass a --tokenizer that fits the model")
     try:
-        task = get_task(args.task)
-    except KeyError as e:
+        config = parse_task_config([f"{args.task}.{e}" for e in args.task_config]).get(args.task, {})
+        task = get_task(args.task, **config)
+    except (KeyError, ValueError) as e:
         raise SystemExit(f"dsv32 eval tasks: {e.args[0]}") from None
     items = task.items("heldout", args.num, seed=args.seed)
     out = evaluate(model, ChatCodec.for_tokenizer(tok), task, items, samples=args.samples,
@@ -157,9 +160,9 @@ def cli_main(argv: Sequence[str]) -> int:
                    threads=args.threads or None)
     settings = {
         "model": args.model, "weights": str(args.weights) if args.weights else None, "task": args.task,
-        "split": "heldout", "num": args.num, "samples": args.samples, "temperature": args.temperature,
-        "max_new_tokens": args.max_new_tokens, "seed": args.seed, "dsv32": dsv32.__version__,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "task_config": task.config, "split": "heldout", "num": args.num, "samples": args.samples,
+        "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+        "dsv32": dsv32.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "command": "dsv32 eval tasks " + " ".join(argv),
     }
     result = {"eval": "tasks", "settings": settings, "results": out["results"]}

@@ -53,7 +53,7 @@ from dsv32.rl import rollout as rollout_io
 from dsv32.rl.rewards import RewardConfig
 from dsv32.rl.rollout import Rollout, sample_groups
 from dsv32.rl.step import GRPOConfig, frozen_copy, grpo_update
-from dsv32.rl.tasks import ChatCodec, Item, Task, get_task, score_rollouts
+from dsv32.rl.tasks import ChatCodec, Item, Task, get_task, parse_task_config, score_rollouts
 from dsv32.tokenizer import Tokenizer, load_tokenizer
 from dsv32.train.run import RunLoop
 
@@ -70,23 +70,6 @@ def parse_task_spec(spec: str) -> tuple[str, float]:
     if not name or weight <= 0:
         raise SystemExit(f"dsv32 rl: --task {spec!r}: need NAME[:WEIGHT] with WEIGHT > 0")
     return name, weight
-
-
-def parse_task_config(entries: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``NAME.KEY=VALUE`` entries (VALUE read as JSON when it parses, else kept as a string) -> per-task
-    generator settings, e.g. ``chain_sum.max_terms=2``."""
-    out: dict[str, dict[str, Any]] = {}
-    for e in entries:
-        key, eq, raw = e.partition("=")
-        name, dot, field = key.partition(".")
-        if not (eq and dot and name and field):
-            raise SystemExit(f"dsv32 rl: --task-config {e!r}: expected NAME.KEY=VALUE")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(name, {})[field] = value
-    return out
 
 
 @dataclass
@@ -268,7 +251,11 @@ def rl(args: argparse.Namespace) -> int:
             raise SystemExit(f"dsv32 rl: the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                              f"{policy.config.vocab_size}; pass a --tokenizer that fits the model")
         codec = ChatCodec.for_tokenizer(tok)
-        mix = TaskMix.build(args.task, parse_task_config(args.task_config), args.pool_size, args.seed,
+        try:
+            task_config = parse_task_config(args.task_config)
+        except ValueError as e:
+            raise SystemExit(f"dsv32 rl: {e}") from None
+        mix = TaskMix.build(args.task, task_config, args.pool_size, args.seed,
                             RewardConfig(script=args.reward_script))
         longest = max(len(codec.prompt(it.prompt)) for pool in mix.pools.values() for it in pool)
         max_len = longest + args.max_new_tokens + 1

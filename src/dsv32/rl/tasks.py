@@ -10,6 +10,7 @@ held-out), so even a short expression that both seeds happen to generate lands i
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +124,23 @@ def get_task(name: str, reward: RewardConfig | None = None, **config: Any) -> Ta
         raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}")
     generator, checker, base = TASKS[name]
     return Task(name, generator, checker, {**base, **config}, reward or RewardConfig())
+
+
+def parse_task_config(entries: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``NAME.KEY=VALUE`` entries (VALUE read as JSON when it parses, else kept as a string) -> per-task generator
+    settings for :func:`get_task`, e.g. ``chain_sum.max_terms=2``."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        key, eq, raw = e.partition("=")
+        name, dot, setting = key.partition(".")
+        if not (eq and dot and name and setting):
+            raise ValueError(f"task setting {e!r}: expected NAME.KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(name, {})[setting] = value
+    return out
 
 
 def score_rollouts(
