@@ -402,23 +402,29 @@ def test_eval_weights_load_a_stage2_run(tmp_path, monkeypatch) -> None:
 # ------------------------------------------------------------------------------------------ targets beyond the paper
 
 TARGET_CASES = [il.Target("head-sum"), il.Target("head-max"), il.Target("per-head-kl", peak_beta=6.0, sinks=2),
-                il.Target("per-head-kl", peak_beta=0.0)]
+                il.Target("per-head-kl", peak_beta=0.0), il.Target("head-sum", far_weight=3.0),
+                il.Target("per-head-kl", far_weight=2.0)]
 
 
-def _reference_loss(A: torch.Tensor, logq: torch.Tensor, key_pos: torch.Tensor, target: il.Target) -> torch.Tensor:
+def _reference_loss(A: torch.Tensor, logq: torch.Tensor, key_pos: torch.Tensor, target: il.Target,
+                    q_pos: torch.Tensor, k: int) -> torch.Tensor:
     """Slow reference per row, written from the definitions: A [B,S,H,N] per-head probabilities, logq [B,S,N]
-    (0 where A is 0), key_pos [B|1,S|1,N]."""
+    (0 where A is 0), key_pos [B|1,S|1,N], q_pos [B,S], k the window size of the far-row weights."""
     if target.kind == "per-head-kl":
         peak = A.masked_fill((key_pos < target.sinks).unsqueeze(2), 0).amax(-1)  # [B,S,H]
         w = torch.softmax(target.peak_beta * peak, dim=-1)
         kl_h = (torch.xlogy(A, A) - A * logq.unsqueeze(2)).sum(-1)  # each head's own KL(A_h || q)
-        return (w * kl_h).sum(-1)
-    s = A.sum(2) if target.kind == "head-sum" else A.max(2).values
-    p = s / s.sum(-1, keepdim=True)
-    return (torch.xlogy(p, p) - p * logq).sum(-1)
+        loss, p = (w * kl_h).sum(-1), (w.unsqueeze(-1) * A).sum(2)
+    else:
+        s = A.sum(2) if target.kind == "head-sum" else A.max(2).values
+        p = s / s.sum(-1, keepdim=True)
+        loss = (torch.xlogy(p, p) - p * logq).sum(-1)
+    # a k-window keeps keys < sinks and keys > q_pos - (k - sinks); the rest is "far"
+    dropped = (key_pos >= target.sinks) & (key_pos + (k - target.sinks) <= q_pos.unsqueeze(-1))
+    return loss * (1 + target.far_weight * (p * dropped).sum(-1))
 
 
-@pytest.mark.parametrize("target", TARGET_CASES, ids=lambda t: f"{t.kind}-{t.peak_beta:g}")
+@pytest.mark.parametrize("target", TARGET_CASES, ids=lambda t: f"{t.kind}-{t.peak_beta:g}-{t.far_weight:g}")
 def test_stage1_targets_chunked_match_reference(target) -> None:
     """Every target of --target: chunked + leaf backward == the unchunked definition (value and gradient)."""
     m = tiny_llama()
@@ -437,7 +443,7 @@ def test_stage1_targets_chunked_match_reference(target) -> None:
         A = torch.softmax(logits.masked_fill(~vis.unsqueeze(2), -math.inf), dim=-1)
         I = indexer_scores(aux.index_q, aux.index_w, aux.index_k).masked_fill(~vis, -math.inf)
         logq = torch.log_softmax(I, -1).masked_fill(~vis, 0)
-        loss = _reference_loss(A, logq, torch.arange(logits.shape[-1]).view(1, 1, -1), target).mean()
+        loss = _reference_loss(A, logq, torch.arange(logits.shape[-1]).view(1, 1, -1), target, aux.q_pos, 8).mean()
         assert st.kl == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
         total = total + loss
     total.backward()
@@ -445,7 +451,7 @@ def test_stage1_targets_chunked_match_reference(target) -> None:
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("target", TARGET_CASES[:3], ids=lambda t: t.kind)
+@pytest.mark.parametrize("target", TARGET_CASES[:3] + TARGET_CASES[4:], ids=lambda t: f"{t.kind}-{t.far_weight:g}")
 def test_stage2_targets_restricted_match_reference(target) -> None:
     """The same over S_t (stage 2), with the per-head target rebuilt from the sparse op's lse: value and gradient."""
     m = tiny_llama()
@@ -470,7 +476,7 @@ def test_stage2_targets_restricted_match_reference(target) -> None:
         A = torch.softmax(at.masked_fill(~valid.unsqueeze(2), -math.inf), -1)  # each head over S_t
         I = indexer_scores(aux.index_q, aux.index_w, aux.index_k).gather(-1, idx.clamp_min(0))
         logq = torch.log_softmax(I.masked_fill(~valid, -math.inf), -1).masked_fill(~valid, 0)
-        loss = _reference_loss(A, logq, idx.clamp_min(0), target).mean()
+        loss = _reference_loss(A, logq, idx.clamp_min(0), target, aux.q_pos, 8).mean()
         assert st.kl == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
         total = total + loss
     total.backward()
@@ -486,7 +492,7 @@ def test_targets_let_one_peaked_head_count() -> None:
     needle = torch.tensor([0.02, 0.02, 0.9, 0.02, 0.02, 0.02])
     P = torch.stack([local, local, needle]).view(1, 3, 1, 6)  # [B,H,C,N]
     pos = torch.arange(6).view(1, 1, 6)
-    share = {t.kind + str(t.peak_beta): float(il.target_dist(P, t, pos)[0][0, 0, 2]) for t in TARGET_CASES}
+    share = {t.kind + str(t.peak_beta): float(il.target_dist(P, t, pos)[0][0, 0, 2]) for t in TARGET_CASES[:4]}
     assert share["head-sum8.0"] == pytest.approx(0.3)
     assert share["head-max8.0"] > 0.45 and share["per-head-kl6.0"] > 0.6
     assert share["per-head-kl0.0"] == pytest.approx(0.3)

@@ -31,6 +31,12 @@ per-head probabilities of row t (over the causal keys; stage 2: over S_t, each h
   peaked): the more a head concentrates on one non-sink key, the more its distribution counts. ``beta = 0``
   gives uniform weights, whose gradient equals head-sum's (only the constant entropy term differs).
 
+Independently of the target, ``far_weight`` (``--far-weight``) weights each row's loss by
+``1 + far_weight * m_t``, m_t = the target's mass on keys a sliding window of k would drop (past the first
+``sinks``, before the last k - sinks): retrieval rows are rare in text, and a uniform mean over rows lets the
+indexer fit the local rows and miss them (docs/sparsify.md, "Recipe variants"). The logged KL is then the
+weighted loss.
+
 All are pure functions of the aux records (targets are constants), computed in the same chunks.
 
 Diagnostic: the indexer recall, the share of the dense attention mass inside the selected set,
@@ -91,13 +97,14 @@ class Target:
 
     kind: str = "head-sum"
     peak_beta: float = 8.0  # per-head-kl: head weights softmax_h(peak_beta * peak_h)
-    sinks: int = 4  # per-head-kl: the first ``sinks`` key positions do not count towards a head's peak
+    sinks: int = 4  # the first ``sinks`` key positions: not a head's peak, not "far" (they are a window's sinks)
+    far_weight: float = 0.0  # rows weighted 1 + far_weight * (target mass a k-window would miss); 0: unweighted
 
     def __post_init__(self) -> None:
         if self.kind not in TARGETS:
             raise ValueError(f"indexer target {self.kind!r}: not one of {', '.join(TARGETS)}")
-        if self.sinks < 0:
-            raise ValueError(f"indexer target: sinks must be >= 0, got {self.sinks}")
+        if self.sinks < 0 or self.far_weight < 0:
+            raise ValueError(f"indexer target: sinks ({self.sinks}) and far_weight ({self.far_weight}) must be >= 0")
 
 
 HEAD_SUM = Target()
@@ -122,6 +129,16 @@ def target_dist(P: torch.Tensor, target: Target, key_pos: torch.Tensor) -> tuple
     s = P.sum(1) if target.kind == "head-sum" else P.amax(1)  # [B,C,N]
     p = s / s.sum(-1, keepdim=True).clamp_min(1e-30)
     return p, torch.xlogy(p, p).sum(-1)
+
+
+def far_row_weights(p: torch.Tensor, key_pos: torch.Tensor, q_pos: torch.Tensor, topk: int,
+                    target: Target) -> torch.Tensor:
+    """Row weights ``1 + far_weight * m_t``, m_t = the target mass on keys that a sliding window of ``topk`` keys
+    (the first ``sinks`` + the last ``topk - sinks``) would drop: rows that retrieve from far back count more.
+
+    p [B,C,N] (constant), key_pos [B|1,C|1,N], q_pos [B,C] -> [B,C]."""
+    far = (key_pos >= target.sinks) & (key_pos <= q_pos.unsqueeze(-1) - (topk - target.sinks))
+    return 1.0 + target.far_weight * (p * far).sum(-1)
 
 
 # ============================================================================================ losses
@@ -206,6 +223,8 @@ def layer_kl(
                 logits = index_logits(q[:, sl], w[:, sl], k)  # [B,C,T]
                 # loss = ent - sum p I + logsumexp(I) over the causal keys (p = 0 elsewhere)
                 kl = ent - (p * logits).sum(-1) + torch.logsumexp(logits + bias, dim=-1)
+                if target.far_weight and topk is not None:
+                    kl = kl * far_row_weights(p, torch.arange(T, device=p.device).view(1, 1, T), pos, topk, target)
                 sel = None
                 if recall and topk is not None:
                     with torch.no_grad():
@@ -221,6 +240,8 @@ def layer_kl(
                     P = torch.exp(at - lse_sel.unsqueeze(-1)).masked_fill(~valid.unsqueeze(2), 0.0)  # heads over S_t
                     p, ent = target_dist(P.transpose(1, 2), target, safe)  # p [B,C,K], L1-normalised over S_t
                 kl = _kl_rows(p, ent, indexer_at(q[:, sl], w[:, sl], k, safe), valid)
+                if target.far_weight and topk is not None:
+                    kl = kl * far_row_weights(p, safe, pos, topk, target)
                 if recall:
                     with torch.no_grad():
                         vis = causal_mask(pos, T).unsqueeze(1)
@@ -262,5 +283,5 @@ def indexer_loss(
     return stats
 
 
-__all__ = ["CHUNK_FLOATS", "TARGETS", "Target", "HEAD_SUM", "target_dist", "LayerStats", "chunk_size", "index_logits",
-           "indexer_at", "layer_kl", "finish_backward", "indexer_loss"]
+__all__ = ["CHUNK_FLOATS", "TARGETS", "Target", "HEAD_SUM", "target_dist", "far_row_weights", "LayerStats",
+           "chunk_size", "index_logits", "indexer_at", "layer_kl", "finish_backward", "indexer_loss"]

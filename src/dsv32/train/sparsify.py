@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or per-head KLs weighted by softmax_h(--peak-beta * peak_h) (dsv32.train.indexer_loss)")
     g.add_argument("--peak-beta", type=float, default=8.0,
                    help="--target per-head-kl: how strongly peaked heads count (0: uniform head weights)")
+    g.add_argument("--far-weight", type=float, default=0.0,
+                   help="weight each query row's loss by 1 + F x (the target's mass a sliding window of k would drop), "
+                        "so that rare retrieval rows count (0: the paper's plain mean over rows)")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--save-every", type=int, default=50)
@@ -366,7 +369,8 @@ def run(args: argparse.Namespace) -> int:
         get_batch, data_info = _batches(args, tok)
         ind, trunk = set_trainable(model, args.stage)
         lr = args.lr if args.lr is not None else (1e-3 if args.stage == 1 else 7.3e-6)
-        target = Target(getattr(args, "target", "head-sum"), peak_beta=getattr(args, "peak_beta", 8.0))
+        target = Target(getattr(args, "target", "head-sum"), peak_beta=getattr(args, "peak_beta", 8.0),
+                        far_weight=getattr(args, "far_weight", 0.0))
         groups = [{"params": ind, "lr": lr if args.stage == 1 else args.indexer_lr, "name": "indexer"}]
         if args.stage == 2:
             groups.append({"params": trunk, "lr": lr, "name": "trunk"})
@@ -376,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
                     "batch_size": args.batch_size, "lr": lr, "indexer_lr": args.indexer_lr if args.stage == 2 else lr,
                     "seed": args.seed, "data": data_info, "target": target.kind,
                     "peak_beta": target.peak_beta if target.kind == "per-head-kl" else None,
+                    "far_weight": target.far_weight,
                     "command": "dsv32 sparsify " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["sparsify"] else None}
         (out / "sparsify_args.json").write_text(json.dumps(
             {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "settings": settings},
