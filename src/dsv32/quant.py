@@ -13,7 +13,8 @@ into the GEMM library's own layout skips that, and narrower weights move fewer b
   order.
 - ``fp16``: fp16 weights packed for FBGEMM, fp32 activations and accumulation (``linear_dynamic_fp16``).
 - ``int8``: int8 weights with one scale per output channel, packed for FBGEMM; activations quantised to uint8
-  per call (one scale per tensor, dynamic quantisation: ``linear_dynamic``), int32 accumulation.
+  per call (dynamic quantisation, ``linear_dynamic``; rows pre-scaled so the scale is per token), int32
+  accumulation.
   (``_weight_int8pack_mm``, torch's weight-only int8 kernel, is ~10x slower than fp32 here: no AVX2 path.)
 """
 
@@ -101,10 +102,10 @@ class PackedLinear(nn.Linear):
             warnings.simplefilter("ignore")  # packed-GEMM ops they feed are the fast path here (module docstring)
             if self.fmt == "fp16":
                 self._packed = torch.ops.quantized.linear_prepack_fp16(w, bias)
-            else:  # int8: symmetric, one scale per output channel
+            else:  # int8: symmetric, one scale per output channel; the bias is added after the per-row rescale
                 scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()  # [out]
                 qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-                self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+                self._packed = torch.ops.quantized.linear_prepack(qw, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed_ok = x.dtype == torch.float32 and x.device.type == "cpu" and not (
@@ -117,7 +118,13 @@ class PackedLinear(nn.Linear):
         elif self.fmt == "fp16":
             y = torch.ops.quantized.linear_dynamic_fp16(h, self._packed)
         else:
-            y = torch.ops.quantized.linear_dynamic(h, self._packed, True)  # reduce_range: 7-bit activations (AVX2)
+            # FBGEMM quantises its input with one scale per call; dividing each row by its own amax first (and
+            # multiplying the output back: the map is linear) makes that one scale per token. Per tensor, a
+            # 512-token prefill put SmolLM2's perplexity at 43 instead of 16 (docs/benchmarks.md).
+            amax = h.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)  # [N,1]
+            y = torch.ops.quantized.linear_dynamic(h / amax, self._packed, True).mul_(amax)  # reduce_range: AVX2
+            if self.bias is not None:
+                y = y.add_(self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
