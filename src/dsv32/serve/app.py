@@ -19,6 +19,7 @@ Endpoints: `GET /v1/models`, `GET /v1/models/{name}`, `POST /v1/chat/completions
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import itertools
@@ -39,7 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dsv32 import chat
+from dsv32 import chat, grammar
 from dsv32.engine import (
     FINISH_STOP,
     Engine,
@@ -162,6 +163,7 @@ class ServerState:
         im_end = tokenizer.token_to_id(chat.IM_END) if family == "chatml" else None
         self.stop_ids = {int(t) for t in [*eos, im_end] if t is not None}
         self.vocab = _model_vocab(engine.model, tokenizer)
+        self.grammar = grammar.GrammarCompiler(tokenizer, self.vocab)  # builds on the first constrained request
         self.max_token_chars = _max_token_chars(tokenizer)
 
     # -------------------------------------------------------------- checks shared by endpoints
@@ -468,14 +470,16 @@ def _thinking(st: ServerState, req: ChatRequest | TokenizeChatRequest) -> bool:
     return thinking
 
 
-def _chat_prompt(st: ServerState, req: ChatRequest) -> tuple[list[int], str, bool]:
-    """-> (prompt ids, forced completion prefix, thinking). Tokenises: call it in a worker thread."""
+def _chat_prompt(st: ServerState, req: ChatRequest) -> tuple[list[int], bool, dict[str, Any] | None]:
+    """-> (prompt ids, thinking, the grammar format that constrains the reply or None). Tokenises: call it in
+    a worker thread. A forced tool call (``tool_choice`` naming a function, or "required") and a JSON
+    response format are enforced by constrained decoding (`dsv32.grammar`), for every chat family."""
     thinking = _thinking(st, req)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     choice = req.tool_choice
-    forced = ""
     if choice is not None and choice != "none" and not tools:
         raise bad_request("tool_choice needs tools", param="tool_choice")
+    forced_tools = None
     if choice == "none":
         tools = None
     elif isinstance(choice, dict):
@@ -483,11 +487,9 @@ def _chat_prompt(st: ServerState, req: ChatRequest) -> tuple[list[int], str, boo
         name = fn.get("name") if choice.get("type") == "function" and isinstance(fn, dict) else None
         if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools or []}:
             raise bad_request("tool_choice must name one of the given tools", param="tool_choice")
-        tools = [t for t in tools or [] if t["function"]["name"] == name]
-        if not thinking:  # force the call by writing its opening ourselves (not possible before reasoning)
-            forced = f'\n\n{chat.CALLS_OPEN}\n<{chat.DSML}invoke name="{name}">\n'
-    elif choice == "required" and not thinking:
-        forced = f'\n\n{chat.CALLS_OPEN}\n<{chat.DSML}invoke name="'
+        tools = forced_tools = [t for t in tools or [] if t["function"]["name"] == name]
+    elif choice == "required":
+        forced_tools = tools
     rf = req.response_format
     schema = None
     if rf is not None:
@@ -501,16 +503,30 @@ def _chat_prompt(st: ServerState, req: ChatRequest) -> tuple[list[int], str, boo
                 raise bad_request("response_format.json_schema.schema must be a JSON Schema object", "response_format")
         elif kind != "text":
             raise bad_request("response_format.type must be 'text', 'json_object' or 'json_schema'", "response_format")
+    try:
+        if schema is not None:
+            grammar.check_schema(schema, "response_format.json_schema.schema")
+        for t in tools or []:
+            grammar.check_schema(grammar.tool_parameters(t), f"tools[{t['function']['name']}].parameters")
+    except grammar.SchemaError as e:
+        raise bad_request(str(e), param="response_format" if schema is not None else "tools") from None
+    fmt = None
+    if forced_tools:
+        fmt = grammar.tool_call_format(forced_tools, st.family)
+    elif schema is not None:
+        fmt = grammar.json_format(schema)
+        if tools:  # the reply is either JSON or tool calls
+            fmt = {"type": "or", "elements": [fmt, grammar.tool_call_format(tools, st.family)]}
+    if fmt is not None and thinking:
+        fmt = grammar.after_reasoning(fmt)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     kw: dict[str, Any] = {"response_format": schema} if schema is not None else {}
     try:
         ids, _ = chat.encode_chat(messages, tools=tools, thinking=thinking, family=st.family, tokenizer=st.tok, **kw)
     except chat.ChatFormatError as e:
         raise bad_request(f"messages: {e}", param="messages") from None
-    if forced:
-        ids = ids + st.tok.encode(forced)
     st.check_ids(ids, "messages")
-    return ids, forced, thinking
+    return ids, thinking, fmt
 
 
 def _completion_prompts(st: ServerState, prompt: Any) -> list[tuple[list[int], str]]:
@@ -614,11 +630,17 @@ async def _chat(st: ServerState, request: Request) -> Response:
         raise bad_request("prompt_logprobs is not available when streaming", param="prompt_logprobs")
     stops = st.stops(req.stop)
     st.check_chars(_content_chars(req), "messages")
-    ids, forced, thinking = await asyncio.to_thread(_chat_prompt, st, req)
+    ids, thinking, fmt = await asyncio.to_thread(_chat_prompt, st, req)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = st.budget(len(ids), asked)
     params = _params(st, req, max_tokens, thinking=thinking, logprobs=req.logprobs, top=req.top_logprobs or 0,
                      prompt_logprobs=req.prompt_logprobs)
+    if fmt is not None:  # compiled (or found in the cache) off the event loop; a bad grammar is a 400
+        try:
+            mask = await asyncio.to_thread(st.grammar.mask_factory, fmt, params.stop_token_ids)
+        except grammar.SchemaError as e:
+            raise bad_request(str(e), param="response_format") from None
+        params = dataclasses.replace(params, logits_mask=mask)
     handle = st.submit(ids, params)
     choices = [
         _Choice(
@@ -626,7 +648,6 @@ async def _chat(st: ServerState, request: Request) -> Response:
             st.tok,
             stops=stops,
             stop_ids=set(params.stop_token_ids),
-            forced=forced,
             thinking=thinking,
             want_logprobs=req.logprobs,
         )
@@ -874,7 +895,6 @@ def _tokenizer_info(st: ServerState) -> dict[str, Any]:
     tok = st.tok
     return {
         "tokenizer_class": type(tok).__name__,
-        "name": getattr(tok, "name", None) or None,
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,
         "pad_token": tok.pad_token,
@@ -970,6 +990,7 @@ def create_app(
     family = FAMILY_ALIASES.get(family.lower(), family.lower())
     if family not in chat.FAMILIES:
         raise ValueError(f"unknown chat format {family!r}; choose one of {', '.join(chat.FAMILIES)}")
+    chat.check_tokenizer(family, tokenizer)  # refused at start-up, not on every request
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
     engine = engine or Engine(model, **engine_kwargs)
