@@ -85,7 +85,8 @@ def grpo_update(
 
     Every rollout needs its ``reward``. Returns means over the mini-batches of the loss statistics, plus
     ``mismatch_kl`` (mean of ``logp_old - logp`` over the first mini-batch's tokens: the training/inference
-    gap before any update), ``route_flip_rate`` (before the first update; NaN without recorded routes),
+    gap before any update), ``route_flip_rate`` (on the first mini-batch after the last update: the share of
+    routes that free routing would now choose differently from the sampler's; NaN without recorded routes),
     ``tokens`` and ``t_reference`` (seconds in the reference forward). With a reference and ``beta = 0`` the
     reported ``kl`` is monitored only (no gradient).
     """
@@ -108,8 +109,8 @@ def grpo_update(
         mb = collate([rollouts[i] for i in part], V, keep_sampling_mask=cfg.keep_sampling_mask,
                      keep_routing=cfg.keep_routing).to(device)
         a = adv[part.start : part.stop].to(device)
-        if k == 0 and mb.routes is not None:
-            flip = route_flip_rate(policy, mb)
+        if k == 0:
+            first = mb
         logp_ref = None
         if ref is not None:  # with beta = 0 the reference only monitors the KL (no gradient through it)
             t0 = time.perf_counter()
@@ -134,5 +135,7 @@ def grpo_update(
         tokens += int(m.sum())
         for name, v in {"loss": loss.detach(), **stats}.items():
             totals[name] = totals.get(name, 0.0) + float(v) / cfg.minibatches
+    if first.routes is not None:  # after the updates: what replay kept fixed that free routing would change
+        flip = route_flip_rate(policy, first)
     return {**totals, "mismatch_kl": mismatch, "route_flip_rate": flip, "tokens": float(tokens),
             "reward_mean": float(rewards.mean()), "t_reference": t_ref}
