@@ -685,3 +685,17 @@ def test_tokenizer_endpoints(make_client):
     assert c.post("/tokenize", json={"model": "nope", "prompt": "x"}, headers=auth).status_code == 404
     r = c.post("/tokenize", content=b"prompt=x", headers={**auth, "Content-Type": "text/plain"})
     assert r.status_code == 415
+
+
+def test_parallel_tool_calls_false_keeps_one_call(make_client):
+    two = CALL.replace(f"</{DSML}invoke>\n", f'</{DSML}invoke>\n<{DSML}invoke name="get_time">\n</{DSML}invoke>\n')
+    c = make_client("Calling." + two)
+    calls = c.post("/v1/chat/completions", json=chat_body(tools=TOOLS)).json()["choices"][0]["message"]["tool_calls"]
+    assert [x["function"]["name"] for x in calls] == ["get_weather", "get_time"]
+    for stream in (False, True):
+        r = c.post("/v1/chat/completions", json=chat_body(tools=TOOLS, parallel_tool_calls=False, stream=stream))
+        if stream:
+            calls = [d for e in sse(r.text)[:-1] for d in e["choices"][0]["delta"].get("tool_calls", [])]
+        else:
+            calls = r.json()["choices"][0]["message"]["tool_calls"]
+        assert [x["function"]["name"] for x in calls] == ["get_weather"]

@@ -511,12 +511,13 @@ def _chat_prompt(st: ServerState, req: ChatRequest) -> tuple[list[int], bool, di
     except grammar.SchemaError as e:
         raise bad_request(str(e), param="response_format" if schema is not None else "tools") from None
     fmt = None
+    parallel = req.parallel_tool_calls is not False
     if forced_tools:
-        fmt = grammar.tool_call_format(forced_tools, st.family)
+        fmt = grammar.tool_call_format(forced_tools, st.family, parallel=parallel)
     elif schema is not None:
         fmt = grammar.json_format(schema)
         if tools:  # the reply is either JSON or tool calls
-            fmt = {"type": "or", "elements": [fmt, grammar.tool_call_format(tools, st.family)]}
+            fmt = {"type": "or", "elements": [fmt, grammar.tool_call_format(tools, st.family, parallel=parallel)]}
     if fmt is not None and thinking:
         fmt = grammar.after_reasoning(fmt)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -659,6 +660,8 @@ async def _chat(st: ServerState, request: Request) -> Response:
 
     def final_message(c: _Choice, v: chat.ChatView) -> tuple[dict[str, Any], str]:
         msg = v.message(c.text)
+        if req.parallel_tool_calls is False:  # OpenAI: at most one call per turn
+            msg["tool_calls"] = msg["tool_calls"][:1]
         for call in msg["tool_calls"]:  # unique ids: clients match results to calls across turns by id
             call["id"] = f"call_{uuid.uuid4().hex[:24]}"
         reason = c.finish or "stop"
