@@ -105,22 +105,25 @@ def json_format(schema: Any) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": _MAX_WS}
 
 
-def tool_call_format(tools: Sequence[Mapping[str, Any]], family: str) -> dict[str, Any]:
+def tool_call_format(tools: Sequence[Mapping[str, Any]], family: str, *, parallel: bool = True) -> dict[str, Any]:
     """At least one call to one of ``tools`` (one tool: that one, as OpenAI's named tool_choice), written
-    exactly as `dsv32.chat` renders calls, arguments matching each tool's parameter schema."""
+    exactly as `dsv32.chat` renders calls, arguments matching each tool's parameter schema; exactly one
+    call unless ``parallel`` (OpenAI's ``parallel_tool_calls``)."""
     if not tools:
         raise ValueError("tool_call_format needs at least one tool")
     if family == "chatml":
         tags = [{"type": "tag", "begin": f'{TOOL_CALL_OPEN}\n{{"name": "{_tool_name(t)}", "arguments": ',
                  "content": json_format(tool_parameters(t)), "end": f"}}\n{TOOL_CALL_CLOSE}"} for t in tools]
-        return {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True}
+        return {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
+                "stop_after_first": not parallel}
     tags = [{"type": "tag", "begin": f'<{DSML}invoke name="{_tool_name(t)}">\n',
              "content": {"type": "json_schema", "json_schema": tool_parameters(t), "style": "deepseek_xml",
                          "max_whitespace_cnt": _MAX_WS},
              "end": f"{INVOKE_CLOSE}\n"} for t in tools]
     return {"type": "sequence", "elements": [
         {"type": "const_string", "value": f"\n\n{CALLS_OPEN}\n"},
-        {"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True},
+        {"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True,
+         "stop_after_first": not parallel},
         {"type": "const_string", "value": CALLS_CLOSE},
     ]}
 

@@ -513,7 +513,7 @@ def _chat_prompt(st: ServerState, req: ChatRequest) -> tuple[list[int], bool, di
     fmt = None
     parallel = req.parallel_tool_calls is not False
     if forced_tools:
-        fmt = grammar.tool_call_format(forced_tools, st.family, parallel=parallel)
+        fmt = grammar.tool_call_format(forced_tools, st.family, parallel=parallel and not isinstance(choice, dict))
     elif schema is not None:
         fmt = grammar.json_format(schema)
         if tools:  # the reply is either JSON or tool calls
