@@ -20,10 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dsv32.train.trainer:cli_main", "pre-train / continue-train / SFT a model"),
     "plot": ("dsv32.train.plot:cli_main", "plot metrics.jsonl curves to PNG"),
     "bench": ("dsv32.bench:cli_main", "benchmarks (dsv32 bench NAME; listed below)"),
-    "eval": ("dsv32.evals:cli_main", "evaluations: ppl, passkey"),
+    "eval": ("dsv32.evals:cli_main", "evaluations: ppl, passkey, retrieval, tasks, agent"),
     "sparsify": ("dsv32.train.sparsify:cli_main", "convert a dense model to DSA (warm-up, sparse stage)"),
     "rl": ("dsv32.rl.cli:cli_main", "GRPO post-training on verifiable tasks (V3.2's stability measures)"),
-    "serve": ("dsv32.server:cli_main", "OpenAI-compatible HTTP server"),
+    "serve": ("dsv32.serve.cli:cli_main", "OpenAI-compatible HTTP server"),
     "synth": ("dsv32.agents.synth:cli_main", "synthesize agent environments (tools, tasks, verifiers)"),
     "agent": ("dsv32.agents.cli:cli_main", "run a model on an environment task with tools; print the transcript"),
 }
