@@ -1,4 +1,4 @@
-"""Sparsify (V3.2 paper §2.1.1; training-recipe.md §1): stage-1 dense warm-up, stage-2 sparse training, recall.
+"""Sparsify (V3.2 paper §2.1.1): stage-1 dense warm-up, stage-2 sparse training, recall.
 
 Tiny random models of both families; weights are scaled up so that attention and indexer scores are far from
 uniform (otherwise every KL is ~0).
@@ -121,7 +121,7 @@ def _grads(params: list[torch.nn.Parameter]) -> float:
 
 @pytest.mark.parametrize("make", FAMILIES)
 def test_stage2_gradient_separation(make) -> None:
-    """LM loss alone reaches the trunk only; the restricted KL alone reaches the indexers only (recipe §1.2)."""
+    """LM loss alone reaches the trunk only; the restricted KL alone reaches the indexers only (paper §2.1.1, sparse training)."""
     m = make()
     ind, trunk = sp.set_trainable(m, 2)
     batch = _ids(m, 2, 33)

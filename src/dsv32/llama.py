@@ -3,7 +3,7 @@
 The model is HF's ``LlamaForCausalLM`` written out plainly (RMSNorm, rotate-half RoPE, grouped-query attention,
 SwiGLU, optionally tied embeddings) plus one DeepSeek-style lightning indexer per layer, so that a dense
 pretrained model can be turned into a DSA model by training only the indexers (V3.2 paper §2.1.1, dense warm-up) and
-then running attention over each query's top-k keys (§1.2).
+then running attention over each query's top-k keys (the sparse stage).
 
 Layout decisions (docs/llama.md):
 - Weights are kept in **HF's layout**: GGUF stores Q/K rows permuted so that llama.cpp can rotate adjacent

@@ -1,5 +1,5 @@
 """`dsv32 bench <name>`: benchmarks, one module each (cost: the paper's Figure 3; peers: whole-model long context
-vs HF; train; serve).
+vs HF; train; serve; weights: the CPU weight formats).
 
 Subcommands are imported lazily, so a benchmark whose module or optional dependency is missing only affects
 itself.
@@ -16,6 +16,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "train": ("dsv32.bench.train:main", "training throughput"),
     "serve": ("dsv32.bench.serve:main", "serving throughput and latency vs HF generate and llama.cpp"),
     "peers": ("dsv32.bench.peers:main", "long-context prefill/decode and memory vs HF transformers' V3.2"),
+    "weights": ("dsv32.bench.weights:main", "CPU weight formats (packed, fp16, int8): stream rate, perplexity, decode"),
 }
 
 

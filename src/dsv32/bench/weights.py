@@ -1,4 +1,4 @@
-"""`python -m dsv32.bench.weights`: speed and accuracy cost of the CPU weight formats of ``dsv32.quant``.
+"""`dsv32 bench weights`: speed and accuracy cost of the CPU weight formats of ``dsv32.quant``.
 
 Three measurements, each side by side in one process with the formats interleaved (fp32, packed, fp16, int8,
 fp32, ...), so every format sees the same background load; every figure is a median over ``--runs`` rounds:
@@ -15,8 +15,8 @@ fp32, ...), so every format sees the same background load; every figure is a med
 Every format shares the fp32 parameters of one loaded model (``PackedLinear`` keeps ``weight``); only the
 linears (not the tied embedding / output head) are packed.
 
-    python -m dsv32.bench.weights --json weights.json
-    python -m dsv32.bench.weights --only stream --rows 1 8
+    dsv32 bench weights --json weights.json
+    dsv32 bench weights --only stream --rows 1 8
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsv32.bench.weights", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="dsv32 bench weights", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="a name or path for dsv32.load_model (a Llama GGUF)")
     ap.add_argument("--only", choices=["stream", "accuracy", "decode"], nargs="+",
                     default=["stream", "accuracy", "decode"])

