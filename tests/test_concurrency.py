@@ -162,6 +162,7 @@ def test_32_http_streams_match_alone_up_to_near_ties(model, work, alone):
         counter,
         tok,
         model_name="tiny",
+        family=None,  # a word tokenizer without chat markers: completions only
         web=False,
         max_slots=N_STREAMS,
         max_len=MAX_LEN,

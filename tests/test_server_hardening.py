@@ -205,6 +205,19 @@ def test_with_a_key_other_hosts_and_origins_are_the_keys_business():
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hi"
 
 
+def test_no_chat_format_serves_completions_and_refuses_chat():
+    """family=None (a base model's tokenizer without turn markers): completions run, chat and chat
+    tokenising get a 400 that says why, instead of a start-up refusal of the whole server."""
+    app = create_app(scripted(TOK, "Hi"), TOK, model_name="m", family=None, max_slots=1, max_len=256)
+    with LiveServer(app) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": USER})
+        assert "no chat format" in error(r, 400)["message"]
+        r = httpx.post(srv.url + "/tokenize", json={"model": "m", "messages": USER})
+        assert "no chat format" in error(r, 400)["message"]
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "m", "prompt": "abc", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
 def test_prompt_longer_than_the_context_in_characters_is_not_tokenised(monkeypatch):
     tok = byte_tokenizer()
     calls = []

@@ -146,7 +146,7 @@ class ServerState:
         engine: Engine,
         tokenizer: Any,
         model_name: str,
-        family: str,
+        family: str | None,
         api_key: str | None,
         default_max_tokens: int | None,
         *,
@@ -470,10 +470,19 @@ def _thinking(st: ServerState, req: ChatRequest | TokenizeChatRequest) -> bool:
     return thinking
 
 
+def _require_chat(st: ServerState) -> None:
+    """A server started without a chat format (a base model whose tokenizer has no turn markers) serves
+    completions only; say so instead of rendering a conversation the model was never trained on."""
+    if st.family is None:
+        raise APIError(400, f"model {st.model_name!r} has no chat format (its tokenizer carries no chat markers); "
+                       "use /v1/completions", param="messages")
+
+
 def _chat_prompt(st: ServerState, req: ChatRequest) -> tuple[list[int], bool, dict[str, Any] | None]:
     """-> (prompt ids, thinking, the grammar format that constrains the reply or None). Tokenises: call it in
     a worker thread. A forced tool call (``tool_choice`` naming a function, or "required") and a JSON
     response format are enforced by constrained decoding (`dsv32.grammar`), for every chat family."""
+    _require_chat(st)
     thinking = _thinking(st, req)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     choice = req.tool_choice
@@ -921,6 +930,7 @@ def _tokenize_text(st: ServerState, req: TokenizeRequest) -> list[int]:
 
 def _tokenize_chat(st: ServerState, req: TokenizeChatRequest) -> list[int]:
     """A conversation's ids, rendered as the chat endpoint renders it (tools, thinking)."""
+    _require_chat(st)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     try:
@@ -973,7 +983,7 @@ def create_app(
     tokenizer: Any,
     *,
     model_name: str,
-    family: str = "deepseek-v3.2",
+    family: str | None = "deepseek-v3.2",
     api_key: str | None = None,
     engine: Engine | None = None,
     default_max_tokens: int | None = None,
@@ -986,14 +996,17 @@ def create_app(
     go to it (max_slots, max_len, memory_budget, max_waiting, ...). The engine stops with the app's
     lifespan, or call ``app.state.engine.shutdown()`` when the app runs without one (ASGI test clients).
 
+    family: the chat format (see ``dsv32.chat.FAMILIES``), checked against the tokenizer here; None serves
+        completions only (chat requests get 400).
     max_body_bytes: larger request bodies get 413.
     host_check: refuse requests whose `Host` is not a loopback name (True), never (False), or (None)
         whenever there is no ``api_key`` and the connection arrived on a loopback address.
     """
-    family = FAMILY_ALIASES.get(family.lower(), family.lower())
-    if family not in chat.FAMILIES:
-        raise ValueError(f"unknown chat format {family!r}; choose one of {', '.join(chat.FAMILIES)}")
-    chat.check_tokenizer(family, tokenizer)  # refused at start-up, not on every request
+    if family is not None:
+        family = FAMILY_ALIASES.get(family.lower(), family.lower())
+        if family not in chat.FAMILIES:
+            raise ValueError(f"unknown chat format {family!r}; choose one of {', '.join(chat.FAMILIES)}")
+        chat.check_tokenizer(family, tokenizer)  # refused at start-up, not on every request
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
     engine = engine or Engine(model, **engine_kwargs)
