@@ -121,7 +121,7 @@ def _grads(params: list[torch.nn.Parameter]) -> float:
 
 @pytest.mark.parametrize("make", FAMILIES)
 def test_stage2_gradient_separation(make) -> None:
-    """LM loss alone reaches the trunk only; the restricted KL alone reaches the indexers only (paper §2.1.1, sparse training)."""
+    """LM loss alone reaches the trunk only; the restricted KL alone reaches the indexers only (sparse stage)."""
     m = make()
     ind, trunk = sp.set_trainable(m, 2)
     batch = _ids(m, 2, 33)

@@ -2,7 +2,8 @@
 
 FP8 helpers are shared by the model (indexer / latent-cache simulation), the cache and checkpoint I/O.
 DeepSeek-V3.1+ quantise with "UE8M0" scales: a power of two rounded *up* so that ``amax / scale <= 448``
-(DeepSeek's ``inference/kernel.py`` ``act_quant`` and the checkpoint's ``weight_scale_inv``; docs/design.md). With power-of-two scales, dequantisation is exact in fp32.
+(DeepSeek's ``inference/kernel.py`` ``act_quant`` and the checkpoint's ``weight_scale_inv``; docs/design.md).
+With power-of-two scales, dequantisation is exact in fp32.
 
 ``pack_linears`` (opt-in, inference on CPU): a decode step multiplies a few activation rows by every weight,
 so its speed is the rate at which a GEMM streams weights. On the dev box's AVX2 CPU a few-row fp32 ``F.linear``

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=100)
     g.add_argument("--lr", type=float, default=None,
-                   help="stage 1: indexer LR (default 1e-3, paper §2.1.1); stage 2: trunk LR (default 7.3e-6, paper §2.1.1)")
+                   help="stage 1: indexer LR (default 1e-3); stage 2: trunk LR (default 7.3e-6; paper §2.1.1)")
     g.add_argument("--indexer-lr", type=float, default=1e-4, help="stage 2: the indexers' LR")
     g.add_argument("--warmup", type=int, default=10)
     g.add_argument("--clip", type=float, default=1.0)
