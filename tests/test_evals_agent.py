@@ -12,7 +12,8 @@ from agent_fakes import FakeEndpoint, tc, write_shop_env
 from dsv32.agents.loop import call_errors
 from dsv32.agents.sandbox import sandbox_available
 from dsv32.evals import cli_main as eval_main
-from dsv32.evals.agent import BFCL_CATEGORIES, bfcl_cases, calls_match, pass_at_k, pick_tasks
+from dsv32.evals.agent import BFCL_CATEGORIES, bfcl_cases, calls_match, pick_tasks
+from dsv32.evals.common import pass_at_k
 
 UNSAFE = ["--unsafe"] if not sandbox_available()[0] else []
 
@@ -22,8 +23,11 @@ def test_pass_at_k_by_hand():
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
     assert pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 0, 4) == 0.0 and pass_at_k(3, 3, 1) == 1.0
     assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # C(7,5)=21, C(10,5)=252
-    with pytest.raises(ValueError):
+    assert pass_at_k(4, 1, 1) == pytest.approx(1 / 4) and pass_at_k(3, 2, 2) == 1.0
+    with pytest.raises(ValueError, match="0 <= c <= n"):
         pass_at_k(2, 3, 1)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(2, 1, 3)
 
 
 def test_pick_tasks_round_robin(tmp_path):

@@ -35,16 +35,7 @@ from dsv32 import chat
 from dsv32.agents.cli import Session, add_model_args, config_from_args, open_session
 from dsv32.agents.envs.base import read_tasks
 from dsv32.agents.loop import AgentConfig, call_errors, run_env_task
-from dsv32.evals.common import write_json
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+from dsv32.evals.common import pass_at_k, write_json
 
 
 def environments(root: Path) -> list[Path]:

@@ -4,6 +4,7 @@ a training run, the settings recorded beside each figure, the common CLI argumen
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -20,6 +21,16 @@ from dsv32.tokenizer import load_tokenizer
 from dsv32.train import checkpointing as ckpt
 
 DEFAULT_TEXT = Path("runs/raw/raw")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n - c, k) / C(n, k),
+    the chance that k of the n samples drawn without replacement hold at least one correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def load_eval_model(

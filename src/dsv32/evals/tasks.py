@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -30,20 +29,11 @@ from torch import nn
 
 import dsv32
 from dsv32.engine import Engine, SamplingParams
-from dsv32.evals.common import load_weights, write_json
+from dsv32.evals.common import load_weights, pass_at_k, write_json
 from dsv32.registry import load_model
 from dsv32.rl.rollout import completion_seed
 from dsv32.rl.tasks import ChatCodec, Item, Task, get_task, parse_task_config
 from dsv32.tokenizer import load_tokenizer
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def ks_for(n: int) -> list[int]:
