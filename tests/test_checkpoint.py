@@ -494,6 +494,14 @@ def test_resave_keeps_other_files_and_leaves_no_temporaries(tmp_path: Path, tiny
     _assert_same_state(other, load_model(out))
 
 
+def test_resave_over_the_directory_it_was_loaded_from(tmp_path: Path, tiny: Transformer) -> None:
+    out = tmp_path / "export"
+    save_model(tiny, out, max_shard_bytes=256 * 1024)
+    loaded = load_model(out)
+    save_model(loaded, out)  # the new files are written before the old ones go
+    _assert_same_state(tiny, load_model(out))
+
+
 # A child process saves a tiny model (seed argv[2]) to argv[1] in shards and hangs at one point of the save,
 # named by argv[3] ("write": after the first shard; "swap": after the old export was renamed aside), until
 # the test SIGKILLs it there.
