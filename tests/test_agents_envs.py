@@ -212,6 +212,18 @@ def test_solutions_cannot_write_the_db(tmp_path):
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM products").fetchone()[0] > 0
 
 
+def test_run_jobs_output_grows_with_the_job_count(tmp_path):
+    """All job results share one stdout: 40 results of 3 KB each (120 KB, past the sandbox's 64 KiB default)
+    all come back; a cap too small for them says so instead of 'exit status 0'."""
+    need_sandbox()
+    env = generate(CATEGORIES["bank"], 0, tmp_path)
+    jobs = [{"op": "solve", "id": f"j{i}", "solution": f"answer = '{i:04d}' + 'x' * 3000"} for i in range(40)]
+    res = run_jobs(env.path, jobs)
+    assert [r.get("answer", "")[:4] for r in res] == [f"{i:04d}" for i in range(40)]
+    cut = run_jobs(env.path, jobs, job_output_cap=1000)
+    assert "fatal" in cut[-1] and "cap of 1000 bytes per job" in cut[-1]["fatal"]
+
+
 def test_cli_writes_environments_and_summary(tmp_path, capsys):
     need_sandbox()
     rc = cli_main(["--out", str(tmp_path / "out"), "--categories", "calendar,sports", "--seeds", "1",

@@ -26,18 +26,25 @@ from dsv32.agents.tools import EnvironmentTools, ToolError, check_arguments
 
 RUNNER_SOURCE = Path(__file__).with_name("runner.py").read_text(encoding="utf-8")
 
+#: stdout kept per runner job. All results share one stream, so the sandbox's cap grows with the job count: at
+#: its 64 KiB default, 48 `trip` validations (1.3 KB each: answers, random episodes) lost their last result.
+JOB_OUTPUT_CAP = 256 * 1024
+TRUNCATED = "[... output truncated:"
+
 
 def run_jobs(env_dir: Path, jobs: list[dict], *, job_timeout: float = 20.0, unsafe: bool = False,
-             memory_mb: int = 1024) -> list[dict]:
+             memory_mb: int = 1024, job_output_cap: int = JOB_OUTPUT_CAP) -> list[dict]:
     """Run runner jobs for one environment in ONE sandboxed process; one result per job, in order (a job
-    the process never answered, e.g. after a crash, comes back as {"fatal": why})."""
+    the process never answered, e.g. after a crash or past the output cap, comes back as {"fatal": why}).
+    ``job_output_cap``: stdout bytes allowed per job (the stream's cap is that times the number of jobs)."""
     env_dir = Path(env_dir).resolve()
     if len({j["id"] for j in jobs}) != len(jobs):
         raise ValueError("run_jobs: job ids must be unique (results are matched to jobs by id)")
     spec = json.dumps({"env": str(env_dir), "timeout": job_timeout, "jobs": jobs})
     with tempfile.TemporaryDirectory(prefix="dsv32-synth-") as scratch:
         res = run_python(RUNNER_SOURCE, scratch=Path(scratch), ro_paths=[env_dir], stdin=spec,
-                         timeout=30 + job_timeout * len(jobs), memory_mb=memory_mb, unsafe=unsafe)
+                         timeout=30 + job_timeout * len(jobs), memory_mb=memory_mb, unsafe=unsafe,
+                         output_cap=job_output_cap * max(1, len(jobs)))
     got: dict[str, dict] = {}
     for line in res.stdout.splitlines():
         try:
@@ -47,6 +54,8 @@ def run_jobs(env_dir: Path, jobs: list[dict], *, job_timeout: float = 20.0, unsa
         if isinstance(out, dict) and "id" in out:
             got[out["id"]] = out
     why = res.error or (res.stderr.strip()[-1500:] or f"exit status {res.returncode}")
+    if TRUNCATED in res.stdout[-200:]:
+        why = f"the runner's output passed its cap of {job_output_cap} bytes per job and was cut ({why})"
     return [got.get(j["id"], {"id": j["id"], "op": j["op"], "fatal": f"runner gave no result: {why}"})
             for j in jobs]
 
