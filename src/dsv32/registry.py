@@ -18,6 +18,8 @@ with the field that differs.
 
 from __future__ import annotations
 
+import argparse
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +152,61 @@ def _replace_config(model: nn.Module, cfg: ModelConfig) -> None:
     model.config = cfg
 
 
+#: ``--dtype`` names -> torch dtypes (weights and activations of ``load_model``).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) for ``load_model`` from the ``--device`` / ``--dtype`` strings of the commands.
+
+    ``auto`` means CUDA when it is available, else the CPU; and bfloat16 on CUDA, float32 on the CPU. Raises
+    ValueError naming the flag for a device this process cannot use (``--device cuda`` without CUDA, an index
+    past the GPU count); bf16/fp16 on the CPU are allowed with a warning, as their matmuls are far slower there
+    than fp32 on most CPUs.
+    """
+    name = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: not a device name (cpu, cuda, cuda:N): {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: dsv32 runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {device!r}: CUDA is not available ({why}, torch {torch.__version__}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
+    else:
+        raise ValueError(f"--dtype {dtype!r}: one of auto, {', '.join(DTYPES)}")
+    if dev.type == "cpu" and dt != torch.float32:
+        warnings.warn(f"--dtype {dtype} on the CPU: allowed, but {dt} matmuls are much slower than float32 on most "
+                      "CPUs (use float32 there)", RuntimeWarning, stacklevel=2)
+    return dev, dt
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, the same on every command that loads a model."""
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and activations (auto: bfloat16 on CUDA, float32 on the CPU)")
+
+
+def placement_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """``resolve_placement`` of parsed ``--device`` / ``--dtype``; an unusable choice exits through ``p.error``."""
+    try:
+        return resolve_placement(args.device, args.dtype)
+    except ValueError as e:
+        p.error(str(e))
+        raise  # p.error exits; this keeps type checkers aware
+
+
 def _is_gguf(p: Path) -> bool:
     return p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf")))
 
@@ -230,6 +287,7 @@ def load_model(
     return model.eval()
 
 
-__all__ = ["load_model", "SHIPPED", "shipped_names", "shipped_gguf", "INDEXER_DIR", "INDEXER_FILE",
+__all__ = ["load_model", "DTYPES", "resolve_placement", "add_placement_args", "placement_from_args",
+           "SHIPPED", "shipped_names", "shipped_gguf", "INDEXER_DIR", "INDEXER_FILE",
            "SMOLLM2_INDEXER", "indexer_params", "save_indexer", "load_indexer", "read_indexer_file",
            "write_indexer_file", "indexer_metadata"]
