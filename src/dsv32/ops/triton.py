@@ -1,23 +1,28 @@
-"""Triton GPU kernels for DSA: lightning-indexer scores and the sparse-MLA forward (optional import).
+"""Triton GPU kernels for DSA (optional import): the ops' CUDA backend (docs/kernels.md).
 
 Importing this module raises ImportError when ``triton`` is missing; ``dsv32.ops`` then falls back to the
 plain-torch path (``cpu.py``), which runs on any device. On CUDA tensors the dispatcher picks these kernels
 first. Correctness is tested on CPU with Triton's interpreter (``TRITON_INTERPRET=1``) at small shapes.
 
-- ``indexer_scores``: weighted-ReLU MQA logits (paper eq. 1; DeepGEMM's ``fp8_mqa_logits`` semantics), one
-  program per (query, key tile): a [HI,dI] x [dI,Tt] dot, ReLU, then the head-weighted sum; keys after the
-  query's position come out as -inf. ``indexer_topk`` runs it per query chunk, then the deterministic top-k of
-  ``cpu.select_topk`` (torch; ties to the lower position).
-- ``sparse_mla``: one program per (query, head tile), streaming the query's top-k latent rows in tiles with an
-  online softmax (the FlashMLA formulation: gather, dot, running max/sum). Backward reuses the chunked torch
-  backward of ``cpu.py``, which recomputes from the saved lse.
+``KERNELS`` says which kernel each op runs (``use_kernels`` switches them for a block, e.g. for A/B timing):
+
+- sparse MLA, ``"heads"`` (default): ``triton_sparse_mla``, FlashMLA's formulation (one program per query and
+  block of heads, each gathered tile read once for all of them) with a Triton backward (dq in registers, dkv by
+  atomics). ``"rows"``: the first kernel here, one program per (query, head tile) with BH 16, and the chunked
+  torch backward of ``cpu.py``.
+- indexer, ``"tiled"`` (default): ``triton_indexer``, (query block x heads) rows per tensor-core product, FP8
+  e4m3 codes with per-row scales where given (``fp8_queries`` quantises the queries too), then a radix
+  threshold select that never sorts a whole row. ``"rows"``: the first scores kernel here (one program per
+  query) and ``cpu.select_topk`` (``torch.topk``).
+- dense MLA, ``"split"`` (default): ``triton_dense_mla``, flash decoding (split-K over the keys, log-sum-exp
+  merge) when no gradient is needed, else the chunked torch path; ``"torch"``: always ``cpu.dense_mla``.
 
 Every row x stride product is formed in int64 (program ids and gathered row indices are cast first): a 64-sequence
 decode at 128K puts a batch's latent rows 4.7e9 elements into the cache, and a long prefill's q rows pass 2^31
 elements too. Query and key tensors are read through their strides (a cache view is not copied); temporaries
 are the caller's to bound (the model runs the absorbed form in query chunks).
 
-Nothing here has been timed on a GPU; the kernels aim at clarity and correctness first.
+Nothing here has been timed on a GPU; docs/kernels.md lists what is unmeasured.
 
 Shape legend: B batch, S queries, T keys, H heads, HI indexer heads, dI indexer head dim, D latent dim,
 Dv value dim, K top-k; tiles: BH heads, BT keys, BK selected keys, BD/BV feature dims.
@@ -26,14 +31,46 @@ Dv value dim, K top-k; tiles: BH heads, BT keys, BK selected keys, BD/BV feature
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from dsv32.ops import cpu
+from dsv32.ops import cpu, triton_dense_mla, triton_indexer, triton_sparse_mla
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which kernel each op of this backend runs (module docstring); a behaviour switch, not a size test."""
+
+    sparse_mla: str = "heads"  # "heads" | "rows"
+    indexer: str = "tiled"  # "tiled" | "rows"
+    fp8_queries: bool = False  # tiled indexer: quantise q to e4m3 per (token, head), the scale into the weights
+    dense_mla: str = "split"  # "split" | "torch"
+
+
+KERNELS = Kernels()
+_CHOICES = {"sparse_mla": ("heads", "rows"), "indexer": ("tiled", "rows"), "dense_mla": ("split", "torch")}
+
+
+@contextmanager
+def use_kernels(**choices: object) -> Iterator[Kernels]:
+    """Run the block with some ``Kernels`` fields changed (process-global, like ``ops.override``)."""
+    global KERNELS
+    for name, value in choices.items():
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ValueError(f"ops.triton.use_kernels: {name}={value!r} (one of {', '.join(_CHOICES[name])})")
+    saved = KERNELS
+    KERNELS = replace(KERNELS, **choices)
+    try:
+        yield KERNELS
+    finally:
+        KERNELS = saved
 
 
 def supports(t: torch.Tensor, op: str) -> bool:
@@ -84,7 +121,7 @@ def _indexer_scores_kernel(
     tl.store(OUT + r * stride_or + offs_t, scores, mask=offs_t < T)
 
 
-def indexer_scores(
+def indexer_scores_rows(
     q: torch.Tensor,
     w: torch.Tensor,
     k: torch.Tensor,
@@ -93,7 +130,8 @@ def indexer_scores(
     q_pos: torch.Tensor,
     T: int | None = None,
 ) -> torch.Tensor:
-    """Causally masked indexer logits: q [B,S,HI,dI], w [B,S,HI], k [B,T',dI], q_pos [B,S] -> [B,S,T] fp32.
+    """The first scores kernel (one program per query and key tile). Causally masked indexer logits:
+    q [B,S,HI,dI], w [B,S,HI], k [B,T',dI], q_pos [B,S] -> [B,S,T] fp32.
 
     ``T`` (<= T') limits the keys scored; keys t > q_pos are -inf. k may be FP8 e4m3 with k_scale [B,T'].
     """
@@ -123,7 +161,7 @@ def indexer_scores(
     return out.view(B, S, T)
 
 
-def indexer_topk(
+def indexer_topk_rows(
     q: torch.Tensor,
     w: torch.Tensor,
     k: torch.Tensor,
@@ -134,7 +172,7 @@ def indexer_topk(
     chunk: int | None = None,
     ordered: bool = True,
 ) -> torch.Tensor:
-    """Same contract as ``reference.indexer_topk``; scores from the Triton kernel, [C,T] per query chunk."""
+    """``reference.indexer_topk``'s contract; scores from the first kernel, [C,T] per query chunk, torch top-k."""
     B, S = q.shape[:2]
     T = k.shape[1]
     out = torch.full((B, S, topk), -1, dtype=torch.int32, device=q.device)
@@ -147,7 +185,7 @@ def indexer_topk(
         T_eff = min(T, int(pos.max()) + 1)
         if T_eff <= 0:
             continue
-        scores = indexer_scores(q[:, s0:s1], w[:, s0:s1], k, k_scale=k_scale, q_pos=pos, T=T_eff)  # [B,C,T_eff]
+        scores = indexer_scores_rows(q[:, s0:s1], w[:, s0:s1], k, k_scale=k_scale, q_pos=pos, T=T_eff)  # [B,C,T_eff]
         n_visible = (pos + 1).clamp(0, T_eff)
         out[:, s0:s1] = cpu.select_topk(scores.view(-1, T_eff), n_visible.reshape(-1), topk, ordered).view(B, -1, topk)
     return out
@@ -204,10 +242,11 @@ def _sparse_mla_fwd_kernel(
     tl.store(LSE + r * stride_lr + offs_h, lse, mask=h_ok)
 
 
-def sparse_mla_forward(
+def sparse_mla_forward_rows(
     q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, v_dim: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: q [B,S,H,D], kv [B,T,D], idx [B,S,K] -> (out [B,S,H,Dv] fp32, lse [B,S,H] fp32)."""
+    """The first forward (one program per query and 16-head tile): q [B,S,H,D], kv [B,T,D], idx [B,S,K]
+    -> (out [B,S,H,Dv] fp32, lse [B,S,H] fp32)."""
     B, S, H, D = q.shape
     T, K = kv.shape[1], idx.shape[-1]
     out = torch.zeros(B * S, H, v_dim, dtype=torch.float32, device=q.device)
@@ -232,8 +271,91 @@ def sparse_mla_forward(
     return out.view(B, S, H, v_dim), lse.view(B, S, H)
 
 
-# Triton forward; the chunked torch backward recomputing from the saved lse (``cpu.sparse_mla_backward``).
-SparseMLA, sparse_mla = cpu.make_sparse_mla(sparse_mla_forward)
+# The first forward with the chunked torch backward recomputing from the saved lse (``cpu.sparse_mla_backward``).
+SparseMLARows, sparse_mla_rows = cpu.make_sparse_mla(sparse_mla_forward_rows)
 
 
-__all__ = ["indexer_scores", "indexer_topk", "sparse_mla", "sparse_mla_forward", "supports"]
+# ============================================================================================ the ops
+
+
+def indexer_scores(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    q_pos: torch.Tensor,
+    T: int | None = None,
+) -> torch.Tensor:
+    """Causally masked indexer logits: q [B,S,HI,dI], w [B,S,HI], k [B,T',dI], q_pos [B,S] -> [B,S,T] fp32.
+
+    ``T`` (<= T') limits the keys scored; keys t > q_pos are -inf. k may be FP8 e4m3 with k_scale [B,T'].
+    """
+    if KERNELS.indexer == "rows":
+        return indexer_scores_rows(q, w, k, k_scale=k_scale, q_pos=q_pos, T=T)
+    q_scale = None
+    if KERNELS.fp8_queries:
+        q, q_scale = triton_indexer.quantize_e4m3(q)
+    return triton_indexer.indexer_scores(q, w, k, k_scale=k_scale, q_scale=q_scale, q_pos=q_pos, T=T)
+
+
+def select_topk(scores: torch.Tensor, n_visible: torch.Tensor, topk: int, ordered: bool = True) -> torch.Tensor:
+    """``cpu.select_topk``'s contract: scores [R,T] (-inf where invisible), n_visible [R] -> [R,topk] int32."""
+    if KERNELS.indexer == "rows":
+        return cpu.select_topk(scores, n_visible, topk, ordered)
+    return triton_indexer.topk_select(scores, n_visible, topk, ordered)
+
+
+def indexer_topk(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    q_pos: torch.Tensor,
+    topk: int,
+    chunk: int | None = None,
+    ordered: bool = True,
+) -> torch.Tensor:
+    """Same contract as ``reference.indexer_topk`` (ties to the lower position, -1 padding)."""
+    if KERNELS.indexer == "rows":
+        return indexer_topk_rows(q, w, k, k_scale=k_scale, q_pos=q_pos, topk=topk, chunk=chunk, ordered=ordered)
+    q_scale = None
+    if KERNELS.fp8_queries:
+        q, q_scale = triton_indexer.quantize_e4m3(q)  # [B,S,HI,dI] codes, [B,S,HI] scales
+    return triton_indexer.indexer_topk(q, w, k, k_scale=k_scale, q_scale=q_scale, q_pos=q_pos, topk=topk,
+                                       chunk=chunk, ordered=ordered)
+
+
+def sparse_mla_forward(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, v_dim: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-autograd forward: q [B,S,H,D], kv [B,T,D], idx [B,S,K] -> (out [B,S,H,Dv], lse [B,S,H] fp32)."""
+    if KERNELS.sparse_mla == "rows":
+        return sparse_mla_forward_rows(q, kv, idx, v_dim, scale)
+    return triton_sparse_mla.sparse_mla_forward(q, kv, idx, v_dim, scale)
+
+
+def sparse_mla(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, *, v_dim: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.sparse_mla``'s contract, differentiable in q and kv: (out [B,S,H,Dv] in q's dtype, lse)."""
+    if KERNELS.sparse_mla == "rows":
+        return sparse_mla_rows(q, kv, idx, v_dim=v_dim, scale=scale)
+    return triton_sparse_mla.sparse_mla(q, kv, idx, v_dim=v_dim, scale=scale)
+
+
+def dense_mla(
+    q: torch.Tensor, kv: torch.Tensor, q_pos: torch.Tensor, *, v_dim: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.dense_mla``'s contract: the flash-decoding kernel where no gradient is needed (it has no
+    backward), the chunked torch path otherwise."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)
+    if KERNELS.dense_mla == "torch" or needs_grad:
+        return cpu.dense_mla(q, kv, q_pos, v_dim=v_dim, scale=scale)
+    return triton_dense_mla.dense_mla_forward(q, kv, q_pos, v_dim, scale)
+
+
+__all__ = ["Kernels", "KERNELS", "use_kernels", "indexer_scores", "indexer_topk", "select_topk", "sparse_mla",
+           "sparse_mla_forward", "dense_mla", "supports", "indexer_scores_rows", "indexer_topk_rows",
+           "sparse_mla_forward_rows", "sparse_mla_rows"]
