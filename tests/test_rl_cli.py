@@ -3,8 +3,10 @@ exact resume after SIGKILL, what each ablation switch changes, and the Llama-fam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import torch
 from dsv32.llama import LlamaConfig, LlamaModel, save_hf
 from dsv32.registry import load_model
 from dsv32.rl import rollout as rollout_io
-from dsv32.rl.cli import TaskMix, cli_main
+from dsv32.rl.cli import TaskMix, build_parser, cli_main, grpo_config
 from dsv32.train import checkpointing as ckpt
 from dsv32.train.plot import cli_main as plot_main
 from serving_fakes import byte_tokenizer
@@ -81,9 +83,16 @@ def test_prompts_are_a_function_of_seed_and_step():
     assert 0.6 < many.count("basic_arithmetic") / len(many) < 0.9  # weight 3 of 4
 
 
-def test_run_writes_every_metric_plots_and_exports(tok_dir: Path, tmp_path: Path):
-    out = tmp_path / "run"
-    assert cli_main(flags(tok_dir, out, "--max-steps", "2", "--save-every", "0", "--save-rollouts")) == 0
+@pytest.fixture(scope="module")
+def base_run(tok_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-step run with every measure on (a checkpoint after each step), shared by the tests below."""
+    out = tmp_path_factory.mktemp("rl") / "base"
+    assert cli_main(flags(tok_dir, out, "--max-steps", "2", "--save-every", "1", "--save-rollouts")) == 0
+    return out
+
+
+def test_run_writes_every_metric_plots_and_exports(base_run: Path):
+    out = base_run
     recs = metrics(out)
     assert [r["step"] for r in recs] == [1, 2]
     for r in recs:
@@ -98,12 +107,38 @@ def test_run_writes_every_metric_plots_and_exports(tok_dir: Path, tmp_path: Path
     assert "ray" not in sys.modules  # the default single-process run never imports Ray
     # the export is the checkpoint's weights, in a form dsv32.load_model reloads
     final = load_model(out / "final")
-    saved = ckpt.load_parts(ckpt.list_checkpoints(out / "ckpt")[-1])["model"]
+    saved = ckpt.load_parts(ckpt.list_checkpoints(out / "ckpt")[0])["model"]  # newest first
     for k, v in final.state_dict().items():
         assert torch.equal(v, saved[k]), k
     assert plot_main([str(out)]) == 0 and (out / "metrics.png").stat().st_size > 0
 
 
+ABLATIONS = {"--no-unbiased-kl": "unbiased_kl", "--no-opsm": "opsm", "--no-keep-routing": "keep_routing",
+             "--no-keep-sampling-mask": "keep_sampling_mask"}
+
+
+def test_each_ablation_flag_turns_off_its_measure_only(tok_dir: Path, tmp_path: Path):
+    on = grpo_config(build_parser().parse_args(flags(tok_dir, tmp_path)), moe=True)
+    assert all(getattr(on, f) for f in ABLATIONS.values())
+    for flag, field in ABLATIONS.items():
+        off = grpo_config(build_parser().parse_args(flags(tok_dir, tmp_path, flag)), moe=True)
+        assert off == dataclasses.replace(on, **{field: False}), flag
+    assert not grpo_config(build_parser().parse_args(flags(tok_dir, tmp_path)), moe=False).keep_routing
+
+
+def test_all_ablations_in_one_run(tok_dir: Path, base_run: Path, tmp_path: Path):
+    """Every measure off at once samples the same tokens (the same rewards) as the base run's first step; what
+    each switch leaves in the metrics shows (each switch alone: the slow test below)."""
+    assert cli_main(flags(tok_dir, tmp_path / "off", "--max-steps", "1", "--no-export", *ABLATIONS)) == 0
+    off, base = metrics(tmp_path / "off")[0], metrics(base_run)[0]
+    assert off["reward_mean"] == base["reward_mean"] and off["tokens"] == base["tokens"]
+    assert off["masked_frac"] == 0  # no OPSM
+    assert off["route_flip_rate"] is None  # no Keep Routing
+    assert off["mismatch_kl"] > 1e-3  # no Keep Sampling Mask: the full softmax is not the top-p sampler
+    assert off["kl"] > 0
+
+
+@pytest.mark.slow  # five runs; the default run covers the flags with the two tests above
 def test_ablation_switches_change_what_they_should(tok_dir: Path, tmp_path: Path):
     def one_step(name: str, *extra: str) -> dict:
         assert cli_main(flags(tok_dir, tmp_path / name, "--max-steps", "1", "--no-export", *extra)) == 0
@@ -127,14 +162,15 @@ def _cmd(tok_dir: Path, out: Path, *extra: str) -> list[str]:
                                                         "--no-export", *extra)]
 
 
-def test_stop_then_resume_matches_uninterrupted(tok_dir: Path, tmp_path: Path):
-    """In-process: a run saved after step 2 and resumed to step 4 logs what a 4-step run logs."""
-    common = ("--save-every", "0", "--no-export")
-    assert cli_main(flags(tok_dir, tmp_path / "a", "--max-steps", "4", *common)) == 0
-    assert cli_main(flags(tok_dir, tmp_path / "b", "--max-steps", "2", *common)) == 0
-    assert cli_main(flags(tok_dir, tmp_path / "b", "--max-steps", "4", "--resume", *common)) == 0
-    assert_same(metrics(tmp_path / "a"), metrics(tmp_path / "b"))
-    assert len({r["reward_mean"] for r in metrics(tmp_path / "a")}) > 1
+def test_stop_then_resume_matches_uninterrupted(tok_dir: Path, base_run: Path, tmp_path: Path):
+    """In-process: the base run's directory cut back to its step-1 checkpoint (as if stopped after step 1) and
+    resumed to step 2 logs what the uninterrupted run logged."""
+    b = tmp_path / "b"
+    shutil.copytree(base_run, b)
+    shutil.rmtree(ckpt.list_checkpoints(b / "ckpt")[0])  # the step-2 one (newest first)
+    assert cli_main(flags(tok_dir, b, "--max-steps", "2", "--save-every", "0", "--no-export", "--resume")) == 0
+    assert_same(metrics(base_run), metrics(b))
+    assert len({r["reward_mean"] for r in metrics(b)}) > 1
 
 
 @pytest.mark.slow  # two fresh processes: about a minute on the shared 2-core machine

@@ -194,7 +194,7 @@ def sample_groups(
             )
             handles.append((g, j, seed, list(prompt), params, engine.submit(prompt, params)))
     out = []
-    for g, j, seed, prompt, params, handle in handles:
+    for g, j, seed, prompt, _params, handle in handles:
         res = handle.result()
         if res.error is not None:
             raise RuntimeError(f"rollout (prompt {g}, sample {j}) failed in the engine: {res.error}")
@@ -208,7 +208,9 @@ def sample_groups(
                 torch.cat([pr.long(), torch.stack([r[layer] for r in fed]).long()]) if fed else pr.long()
                 for layer, pr in enumerate(res.prompt_routes)
             ]
-        truncated = params.truncates
+        # a kept set exists wherever the sampler removed ids: truncation, but also a logits mask or min_tokens
+        # (the engine then reports ``allowed`` at those steps only; None elsewhere = nothing removed)
+        truncated = any(a is not None for a in seq.allowed)
         out.append(Rollout(
             prompt_ids=prompt,
             completion_ids=list(seq.tokens),
