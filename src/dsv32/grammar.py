@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -46,10 +47,16 @@ _JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "nul
 GRAMMAR_MARKERS = (DSML, END_THINK)
 # At most this many whitespace characters in a row inside JSON: a small model cannot pad forever.
 _MAX_WS = 1
+_CONTROL = re.compile("[\x00-\x09\x0b\x0c\x0e-\x1f]")  # control characters JSON never holds raw
 
 
 class SchemaError(ValueError):
-    """A JSON Schema the grammar cannot enforce; the message names the path and keyword."""
+    """A constraint the grammar cannot enforce; the message names the path and keyword (the server's 400)."""
+
+
+class VocabularyError(SchemaError):
+    """The model's vocabulary cannot carry a grammar over this tokenizer: a text token the grammar may need
+    lies past the model's rows, or no stop id is within them (a constrained reply could never end)."""
 
 
 def check_schema(schema: Any, path: str = "schema") -> None:
@@ -84,6 +91,10 @@ def check_schema(schema: Any, path: str = "schema") -> None:
             raise SchemaError(f"{path}.$ref: only local references ('#/...') are supported, got {value!r}")
         elif key == "enum" and (not isinstance(value, list) or not value):
             raise SchemaError(f"{path}.enum must be a non-empty list")
+    if "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
+        # xgrammar 0.2.9 drops the length bounds next to a pattern (with only a warning): refuse, not ignore
+        raise SchemaError(f"{path}: 'pattern' together with 'minLength' / 'maxLength' is not supported by "
+                          "constrained decoding; write the length into the pattern (e.g. '^[a-z]{1,8}$')")
 
 
 def tool_parameters(tool: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,6 +157,8 @@ class GrammarCompiler:
         self.tokenizer, self.vocab_size = tokenizer, int(vocab_size)
         self._lock = threading.Lock()
         self._xgr_compiler: Any = None
+        self._vocab_error: str | None = None  # set once the vocabulary check has failed
+        self.banned: list[int] = []  # text ids blanked for holding a raw control character (filled on first use)
         self._compile = functools.lru_cache(maxsize=cache_size)(self._compile_uncached)
 
     def _compiler(self) -> Any:
@@ -154,15 +167,39 @@ class GrammarCompiler:
         import xgrammar as xgr
 
         with self._lock:
+            if self._vocab_error is not None:
+                raise VocabularyError(self._vocab_error)
             if self._xgr_compiler is None:
                 backend = self.tokenizer.backend
                 V = self.vocab_size
                 added = set(backend.get_added_tokens_decoder())
                 keep = {self.tokenizer.token_to_id(m) for m in GRAMMAR_MARKERS} - {None}
                 vocab = [""] * V  # "" = a special token: never matched as text
+                outside: list[tuple[int, str]] = []  # text tokens the model has no row for
                 for text, i in backend.get_vocab(with_added_tokens=True).items():
-                    if i < V and (i not in added or i in keep):
-                        vocab[i] = text
+                    if i not in added or i in keep:
+                        if i < V:
+                            vocab[i] = text
+                        else:
+                            outside.append((i, text))
+                # Tokens holding a raw control character (U+0000-U+001F but LF and CR) are never text to a grammar:
+                # none may appear in JSON (inside a string they must be escaped), yet xgrammar 0.2.9 admits them
+                # in strings with minLength / maxLength (mlc-ai/xgrammar#800), so a reply could stop complete and
+                # still not parse. Tab goes too: JSON's other whitespace (space, LF, CR) remains.
+                texts = backend.decode_batch([[i] for i in range(min(V, backend.get_vocab_size(True)))],
+                                             skip_special_tokens=False)
+                self.banned = [i for i, t in enumerate(texts) if vocab[i] and _CONTROL.search(t)]
+                for i in self.banned:
+                    vocab[i] = ""
+                if outside:
+                    # A grammar over a truncated vocabulary may need a token the model cannot emit (a byte, a
+                    # DSML marker) and stall mid-reply; refuse it up front, naming the mismatch.
+                    i, text = min(outside)
+                    self._vocab_error = (
+                        f"constrained decoding is unavailable: tokenizer {self.tokenizer.name or '(unnamed)'!r} "
+                        f"has {len(outside)} text token(s) with ids >= the model's vocabulary size {V} "
+                        f"(first: id {i} {text!r}); serve the model with the tokenizer it was trained with")
+                    raise VocabularyError(self._vocab_error)
                 meta = xgr.TokenizerInfo._detect_metadata_from_hf(backend.to_str())
                 info = xgr.TokenizerInfo(vocab, meta["vocab_type"], vocab_size=V, stop_token_ids=[],
                                          add_prefix_space=meta["add_prefix_space"])
@@ -178,6 +215,8 @@ class GrammarCompiler:
         key = json.dumps(fmt, ensure_ascii=False)  # key order kept: properties are generated in schema order
         try:
             return self._compile(key)
+        except SchemaError:
+            raise
         except (RuntimeError, ValueError) as e:
             raise SchemaError(f"the grammar could not be built: {e}") from e
 
@@ -186,6 +225,12 @@ class GrammarCompiler:
         request before it is queued), one matcher per sequence later."""
         compiled = self.compile(fmt)
         stops = sorted({int(t) for t in stop_ids if 0 <= int(t) < self.vocab_size})
+        if not stops:  # once the grammar is complete only a stop id may follow: without one the reply stalls
+            if stop_ids:
+                raise VocabularyError(f"constrained decoding needs a stop id below the model's vocabulary size "
+                                      f"{self.vocab_size}, got {sorted(stop_ids)}: the reply could never end")
+            raise SchemaError("constrained decoding needs a stop id (EOS) to end the reply; none was given "
+                              "(ignore_eos cannot be combined with a grammar)")
         return functools.partial(GrammarMask, compiled, stops, self.vocab_size)
 
 
