@@ -320,3 +320,25 @@ def test_sweep_harness_runs_under_the_interpreter(dev):
     assert [r["kernel"] for r in rows] == ["sparse_mla_fwd", "sparse_mla_bwd", "indexer_scores", "topk_prefill",
                                            "topk_decode", "dense_decode"]
     assert all("error" not in r and r["median_ms"] > 0 for r in rows), rows
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_on_tensor_cores():
+    """Every kernel compiles for Hopper without a GPU (a separate process: the interpreter is off there), and the
+    matrix kernels' SASS holds tensor-core instructions (wgmma, or mma.sync for the backward's 32-head blocks)."""
+    pytest.importorskip("triton")
+    import json
+    import subprocess
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "report.json")
+        subprocess.run([sys.executable, "-m", "dsv32.ops.triton_sweep", "--compile-report", "--json", path,
+                        "--kernels", "sparse_mla_fwd", "sparse_mla_bwd", "indexer_scores", "dense_decode"],
+                       env=env, check=True, capture_output=True, timeout=1800)
+        rows = json.load(open(path))["rows"]
+    assert rows and all("error" not in r for r in rows), [r.get("error") for r in rows]
+    for r in rows:
+        if r["kernel"] != "dense_combine":
+            assert r["wgmma"] + r["mma_sync"] > 0, r

@@ -36,9 +36,12 @@ class DenseConfig:
     num_warps: int = 8
     num_stages: int = 2
     partial_bytes: int = 256 << 20  # bound on the fp32 partials of one launch (query rows per launch follow)
+    combine_h: int = 8  # heads per program of the merge (no tensor cores: [combine_h, Dv] fp32 in registers)
 
 
-CONFIG = DenseConfig()  # a starting point for the H200 sweep (unmeasured)
+# A starting point for the H200 sweep (unmeasured): of the configurations compiled for sm_90 without a GPU
+# (triton_sweep.compile_report), the one with the fewest register spills among those on wgmma (HGMMA).
+CONFIG = DenseConfig(block_h=64, block_t=16, num_warps=8, num_stages=2)
 
 
 @triton.jit
@@ -164,11 +167,11 @@ def dense_mla_forward(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         o_c, l_c = out[r0 : r0 + n], lse[r0 : r0 + n]
-        _dense_mla_combine_kernel[(n, triton.cdiv(H, cfg.block_h))](
+        _dense_mla_combine_kernel[(n, triton.cdiv(H, cfg.combine_h))](
             po, pl, o_c, l_c, H, v_dim, NS,
             po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1), o_c.stride(0), o_c.stride(1),
             l_c.stride(0),
-            BH=cfg.block_h, BV=BV, num_warps=cfg.num_warps,
+            BH=cfg.combine_h, BV=BV, num_warps=4,
         )
     return out.view(B, S, H, v_dim), lse.view(B, S, H)
 

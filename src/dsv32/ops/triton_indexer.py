@@ -192,7 +192,7 @@ def _topk_select_kernel(
         prefix = tl.zeros([1], tl.int64)
         digits = tl.arange(0, NB).to(tl.int64)
         for p in tl.static_range(32 // RB):
-            shift: tl.constexpr = 32 - RB * (p + 1)
+            shift = 32 - RB * (p + 1)  # a compile-time constant (static_range)
             cand = (prefix + (digits << shift) - 2147483648).to(tl.int32)  # [NB] as signed keys
             counts = tl.zeros([NB], tl.int32)
             for t0 in range(0, T, BT):

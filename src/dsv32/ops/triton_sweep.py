@@ -7,6 +7,9 @@ top-k select on fp32 score rows. A configuration that does not compile or run (e
 reported with its error, not dropped. Nothing here runs without CUDA; ``tests/test_ops_triton_kernels.py`` calls
 it (marked ``cuda``) and ``python -m dsv32.ops.triton_sweep [--quick] [--json PATH]`` runs it by hand.
 
+``compile_report`` (``--compile-report``) needs no GPU: it compiles the same configurations for sm_90 and reads
+registers, spill instructions and tensor-core instructions (wgmma / mma.sync) off the SASS.
+
 FLOP conventions: sparse MLA forward 2·S·H·k·(D + Dv); forward + backward 3x that (the backward's recomputed
 scores not counted); indexer scores 2·S·T·HI·dI; dense decode 2·B·H·T·(D + Dv).
 """
@@ -14,13 +17,19 @@ scores not counted); indexer scores 2·S·T·HI·dI; dense decode 2·B·H·T·(D
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
+import re
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import triton
 
 from dsv32.ops import reference as ref
 from dsv32.ops import triton_dense_mla as dense
@@ -47,19 +56,19 @@ QUICK = Shapes(S=256, T=32768, B_dec=4)
 # The tile configurations tried (a sweep, not autotuning at run time: the defaults in each module are what the
 # ops use until a measured sweep replaces them).
 SWEEP: dict[str, list] = {
-    "sparse_mla_fwd": [smla.TileConfig(64, 64, 8, 2), smla.TileConfig(64, 32, 8, 2), smla.TileConfig(64, 64, 8, 1),
-                       smla.TileConfig(128, 32, 8, 1), smla.TileConfig(32, 64, 4, 2), smla.TileConfig(64, 64, 4, 3)],
-    "sparse_mla_bwd": [smla.TileConfig(32, 32, 8, 1), smla.TileConfig(64, 32, 8, 1), smla.TileConfig(16, 64, 4, 1),
-                       smla.TileConfig(32, 64, 8, 2)],
-    "indexer_scores": [indexer.IndexerConfig(), indexer.IndexerConfig(block_q=1, block_t=128),
+    "sparse_mla_fwd": [smla.TileConfig(64, 32, 8, 1), smla.TileConfig(64, 16, 8, 1), smla.TileConfig(64, 64, 8, 2),
+                       smla.TileConfig(64, 32, 8, 2), smla.TileConfig(64, 32, 16, 1), smla.TileConfig(32, 64, 8, 2)],
+    "sparse_mla_bwd": [smla.TileConfig(32, 16, 8, 1), smla.TileConfig(16, 16, 4, 1), smla.TileConfig(32, 32, 8, 1),
+                       smla.TileConfig(64, 16, 8, 1)],
+    "indexer_scores": [indexer.CONFIG, indexer.IndexerConfig(block_q=1, block_t=128),
                        indexer.IndexerConfig(block_q=2, block_t=64, tiles=16),
                        indexer.IndexerConfig(block_q=4, block_t=64, num_warps=8),
                        indexer.IndexerConfig(block_q=2, block_t=128, tiles=32, num_stages=3)],
-    "topk": [indexer.IndexerConfig(), indexer.IndexerConfig(topk_block=2048, radix_bits=8),
-             indexer.IndexerConfig(topk_block=4096, radix_bits=4, topk_warps=16),
+    "topk": [indexer.CONFIG, indexer.IndexerConfig(topk_block=2048, topk_warps=16),
+             indexer.IndexerConfig(topk_block=512, radix_bits=8, topk_warps=8),
              indexer.IndexerConfig(topk_block=1024, radix_bits=2, topk_warps=4)],
-    "dense_decode": [dense.DenseConfig(), dense.DenseConfig(num_splits=64), dense.DenseConfig(block_t=32),
-                     dense.DenseConfig(num_splits=128, block_t=32, num_warps=4)],
+    "dense_decode": [dense.CONFIG, dense.DenseConfig(num_splits=64), dense.DenseConfig(block_t=32),
+                     dense.DenseConfig(num_splits=128, block_t=32, num_stages=1)],
 }
 
 
@@ -196,18 +205,99 @@ def run(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP), log: Call
     return rows
 
 
+def _compile_one(fn, types: dict[str, str], consts: dict[str, object], num_warps: int, num_stages: int,
+                 arch: int) -> dict:
+    """Compile one kernel for sm_<arch> (no GPU needed) and read its resources and instruction mix off the SASS."""
+    from triton.backends.compiler import GPUTarget  # deliberately lazy: only this report compiles ahead of time
+    from triton.compiler import ASTSource
+
+    if not hasattr(fn, "arg_names") or os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("triton_sweep.compile_report needs TRITON_INTERPRET unset (compiled, not interpreted)")
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                             text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "nvdisasm"), cubin], capture_output=True, text=True,
+                              check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", res), re.search(r"STACK:(\d+)", res)
+    ops = collections.Counter(re.findall(r"\b(HGMMA|QGMMA|HMMA|STL|LDL)\b", sass))
+    return {"regs": int(regs.group(1)) if regs else None, "stack_bytes": int(stack.group(1)) if stack else None,
+            "shared_bytes": k.metadata.shared, "spill_stores": ops["STL"], "spill_loads": ops["LDL"],
+            "wgmma": ops["HGMMA"] + ops["QGMMA"], "mma_sync": ops["HMMA"]}
+
+
+def compile_report(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP), arch: int = 90,
+                   sweep: dict | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Every kernel x configuration compiled for sm_<arch> on this machine, GPU or not: registers a thread, stack
+    (spill) bytes, shared memory, and the tensor-core instructions in the SASS (HGMMA/QGMMA = Hopper wgmma, bf16 /
+    e4m3; HMMA = mma.sync). Static evidence only: it says nothing about speed."""
+    configs = SWEEP if sweep is None else sweep
+    bf, f8, f32 = "*bf16", "*fp8e4nv", "*fp32"
+    BV, BR = triton.next_power_of_2(sh.Dv), triton.next_power_of_2(max(1, sh.D - sh.Dv))
+    mla = dict(BV=BV, BR=BR, HAS_TAIL=sh.D > sh.Dv, PREC="tf32")
+    jobs = []
+    for c in configs["sparse_mla_fwd"] if "sparse_mla_fwd" in kernels else []:
+        jobs.append(("sparse_mla_fwd", c, smla._sparse_mla_fwd_kernel,
+                     dict(Q=bf, KV=bf, IDX="*i32", OUT=bf, LSE=f32, qk_scale="fp32"),
+                     dict(BH=c.block_h, BK=c.block_k, **mla), c.num_warps, c.num_stages))
+    for c in configs["sparse_mla_bwd"] if "sparse_mla_bwd" in kernels else []:
+        jobs.append(("sparse_mla_bwd", c, smla._sparse_mla_bwd_kernel,
+                     dict(Q=bf, KV=bf, IDX="*i32", O=bf, DO=bf, LSE=f32, DLSE=f32, DQ=bf, DKV=f32, qk_scale="fp32",
+                          scale="fp32"),
+                     dict(HAS_DLSE=False, BH=c.block_h, BK=c.block_k, **mla), c.num_warps, c.num_stages))
+    for c in configs["indexer_scores"] if "indexer_scores" in kernels else []:
+        jobs.append(("indexer_scores", c, indexer._scores_kernel,
+                     dict(Q=f8, W=f32, Kc=f8, KS=f32, POS="*i64", OUT=f32),
+                     dict(HAS_SCALE=True, BQ=c.block_q, HP=max(triton.next_power_of_2(sh.HI), 16 // c.block_q),
+                          BD=triton.next_power_of_2(sh.dI), BT=c.block_t, TILES=c.tiles, PREC="tf32"),
+                     c.num_warps, c.num_stages))
+    for c in configs["topk"] if "topk" in kernels else []:
+        jobs.append(("topk", c, indexer._topk_select_kernel, dict(SC=f32, KK="*i32", OUT="*i32"),
+                     dict(BT=c.topk_block, RB=c.radix_bits), c.topk_warps, 1))
+    for c in configs["dense_decode"] if "dense_decode" in kernels else []:
+        jobs.append(("dense_decode", c, dense._dense_mla_split_kernel,
+                     dict(Q=bf, KV=bf, POS="*i64", PO=f32, PL=f32, qk_scale="fp32"),
+                     dict(BH=c.block_h, BT=c.block_t, **mla), c.num_warps, c.num_stages))
+        jobs.append(("dense_combine", c, dense._dense_mla_combine_kernel, dict(PO=f32, PL=f32, OUT=bf, LSE=f32),
+                     dict(BH=c.combine_h, BV=BV), 4, 1))
+    rows = []
+    for name, cfg, fn, types, consts, warps, stages in jobs:
+        row = {"kernel": name, "config": asdict(cfg), "arch": f"sm_{arch}"}
+        try:
+            row.update(_compile_one(fn, types, consts, warps, stages, arch))
+            log(f"{name:<16} regs {row['regs']:>3} stack {row['stack_bytes']:>5} B  spills {row['spill_stores']:>4} st "
+                f"{row['spill_loads']:>4} ld  wgmma {row['wgmma']:>3}  mma.sync {row['mma_sync']:>3}  {cfg}")
+        except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result too
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            log(f"{name:<16} error {row['error']}  {cfg}")
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsv32.ops.triton_sweep", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="S 256, T 32K, 4 decode sequences")
     p.add_argument("--kernels", nargs="*", default=list(SWEEP), choices=list(SWEEP))
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--compile-report", action="store_true",
+                   help="compile for sm_90 (no GPU needed; TRITON_INTERPRET unset) and report registers, spills and "
+                        "tensor-core instructions instead of timing")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
-    rows = run(QUICK if a.quick else FULL, kernels=tuple(a.kernels))
+    if a.compile_report:
+        rows, device = compile_report(FULL, kernels=tuple(a.kernels)), "none (compiled for sm_90)"
+    elif not torch.cuda.is_available():
+        p.error("timing needs a CUDA GPU (--compile-report does not)")
+    else:
+        rows, device = run(QUICK if a.quick else FULL, kernels=tuple(a.kernels)), torch.cuda.get_device_name()
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"device": device, "triton": triton.__version__, "rows": rows}, f, indent=1)
     return 0
 
 
