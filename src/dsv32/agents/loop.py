@@ -41,7 +41,7 @@ from dsv32.agents.notebook import NotebookSession
 from dsv32.agents.sandbox import hand_over, sandbox_uid
 from dsv32.agents.synth import run_jobs
 from dsv32.agents.tools import Toolbox, ToolResult
-from dsv32.engine import Engine, SamplingParams
+from dsv32.engine import Engine, LogitsMask, SamplingParams
 from dsv32.rl.rollout import Rollout
 
 STRATEGIES = ("none", "discard-all", "discard-75", "summary")
@@ -336,10 +336,17 @@ class TokenTrace:
 class EngineBackend:
     """The model in-process through `Engine` (module docstring). `prepare` brings the token trace up to date
     with the conversation (appending only tool results; anything else re-encodes and marks the trace
-    rewritten); `complete` samples one turn onto it."""
+    rewritten); `complete` samples one turn onto it.
 
-    def __init__(self, engine: Engine, tokenizer: Any, *, family: str = "deepseek-v3.2"):
+    logits_mask: per turn, an optional factory of an engine `LogitsMask` (a grammar, say) that constrains what
+    the turn may sample. The engine's log-probabilities and kept sets then describe the constrained
+    distribution, so RL's Keep Sampling Mask trains on the same action subspace the sampler used.
+    """
+
+    def __init__(self, engine: Engine, tokenizer: Any, *, family: str = "deepseek-v3.2",
+                 logits_mask: Callable[[int], Callable[[], LogitsMask] | None] | None = None):
         self.engine, self.tok, self.family = engine, tokenizer, chat._family(family)
+        self.logits_mask = logits_mask
         stop = [tokenizer.token_to_id(chat.IM_END)] if self.family == "chatml" else []
         self.stop_ids = tuple(t for t in [*stop, tokenizer.eos_id] if t is not None)
         self.window = engine.max_len
@@ -383,12 +390,14 @@ class EngineBackend:
         params = SamplingParams(
             max_tokens=max(1, min(cfg.max_tokens, self.window - len(tr.ids))), temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, seed=turn_seed(cfg.seed, turn), stop_token_ids=self.stop_ids,
-            return_allowed=True, return_routes=keep_routes)
+            return_allowed=True, return_routes=keep_routes,
+            logits_mask=self.logits_mask(turn) if self.logits_mask is not None else None)
         res = self.engine.generate(tr.ids, params)
         if res.error is not None:
             raise RuntimeError(f"agent turn {turn}: the engine failed: {res.error}")
         seq = res.sequences[0]
-        tr.truncates = params.truncates
+        # a kept set exists wherever the sampler removed ids (top-k/top-p, or a logits mask at the steps it cut)
+        tr.truncates = tr.truncates or any(a is not None for a in seq.allowed)
         if keep_routes and res.prompt_routes is not None:
             P = len(tr.ids)
             if tr.routes is None:
@@ -424,11 +433,14 @@ class EngineBackend:
             raise ValueError("context management rewrote this trajectory; it is not one append-only rollout "
                              "(context management is evaluation-only)")
         P = tr.prompt_len
+        # tool output appended after the last sampled token (a trajectory stopped by the context limit) was
+        # never fed to the model: it has no routes and nothing to train, so the record ends at that token
+        end = max((i + 1 for i, m in enumerate(tr.mask) if m), default=0)
         routes = None
         if tr.routes is not None:
-            routes = [torch.cat(chunks)[: len(tr.ids) - 1] for chunks in tr.routes]
-        return Rollout(prompt_ids=tr.ids[:P], completion_ids=tr.ids[P:], token_mask=tr.mask, logprobs=tr.logprobs,
-                       kept=tr.kept if tr.truncates else None, routes=routes)
+            routes = [torch.cat(chunks)[: P + end - 1] for chunks in tr.routes]
+        return Rollout(prompt_ids=tr.ids[:P], completion_ids=tr.ids[P:P + end], token_mask=tr.mask[:end],
+                       logprobs=tr.logprobs[:end], kept=tr.kept[:end] if tr.truncates else None, routes=routes)
 
 
 class OpenAIBackend:
@@ -672,24 +684,37 @@ def load_task(env_dir: str | Path, task_id: str | None = None) -> dict[str, Any]
 
 def score(env_dir: str | Path, task: Mapping[str, Any], traj: Trajectory, *, unsafe: bool = False) -> None:
     """Run the task's verifier on the trajectory's answer inside the sandbox; sets verdict/reward/reason."""
-    if not traj.answered or traj.answer in (None, "", [], {}):
-        traj.verdict, traj.reward, traj.reason = "no_answer", 0.0, traj.reason or f"stopped: {traj.stop}"
-    else:
-        out = run_jobs(Path(env_dir), [{"op": "verify", "id": task["id"], "verifier": task["verifier"],
-                                        "answer": traj.answer}], unsafe=unsafe)[0]
+    score_many(env_dir, [(task, traj)], unsafe=unsafe)
+
+
+def score_many(env_dir: str | Path, pairs: Sequence[tuple[Mapping[str, Any], Trajectory]], *,
+               unsafe: bool = False) -> None:
+    """`score` for many (task, trajectory) pairs of one environment: one sandboxed verifier process for all of
+    them (an RL step verifies a whole group at once)."""
+    jobs, todo = [], []
+    for k, (task, traj) in enumerate(pairs):
+        if not traj.answered or traj.answer in (None, "", [], {}):
+            traj.verdict, traj.reward, traj.reason = "no_answer", 0.0, traj.reason or f"stopped: {traj.stop}"
+        else:
+            jobs.append({"op": "verify", "id": f"{k}:{task['id']}", "verifier": task["verifier"],
+                         "answer": traj.answer})
+            todo.append(traj)
+    for traj, out in zip(todo, run_jobs(Path(env_dir), jobs, unsafe=unsafe) if jobs else []):
         if "fatal" in out:
             traj.verdict, traj.reward, traj.reason = "error", 0.0, str(out["fatal"])[-500:]
         else:
             ok = bool(out.get("ok"))
             traj.verdict, traj.reward, traj.reason = ("correct" if ok else "wrong"), float(ok), str(out.get("reason"))
-    if traj.rollout is not None:
-        traj.rollout.reward, traj.rollout.verdict, traj.rollout.task = traj.reward, traj.verdict, task["id"]
+    for task, traj in pairs:
+        if traj.rollout is not None:
+            traj.rollout.reward, traj.rollout.verdict, traj.rollout.task = traj.reward, traj.verdict, task["id"]
 
 
 def run_env_task(backend: EngineBackend | OpenAIBackend, env_dir: str | Path, task: Mapping[str, Any],
                  cfg: AgentConfig, *, toolbox_tools: Sequence[str] = (), unsafe: bool = False,
-                 on_event: Callable[[str, Any], None] | None = None) -> Trajectory:
-    """One task of a synthesized environment, end to end: tools in the sandbox, the loop, the verifier."""
+                 on_event: Callable[[str, Any], None] | None = None, verify: bool = True) -> Trajectory:
+    """One task of a synthesized environment, end to end: tools in the sandbox, the loop, the verifier
+    (``verify=False``: the caller scores it later, e.g. a whole RL group with `score_many`)."""
     env = EnvTools(env_dir, unsafe=unsafe)
     box = Toolbox(tools=list(toolbox_tools), unsafe=unsafe) if toolbox_tools else None
     runtime = ToolRuntime(env, box)
@@ -697,7 +722,8 @@ def run_env_task(backend: EngineBackend | OpenAIBackend, env_dir: str | Path, ta
         traj = run_agent(backend, runtime, task["prompt"], cfg, task_id=task["id"], on_event=on_event)
     finally:
         runtime.close()
-    score(env_dir, task, traj, unsafe=unsafe)
+    if verify:
+        score(env_dir, task, traj, unsafe=unsafe)
     if traj.rollout is not None:
         ro = traj.rollout
         ro.temperature, ro.top_p, ro.top_k, ro.max_tokens, ro.seed = (

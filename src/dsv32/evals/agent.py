@@ -33,20 +33,17 @@ from typing import Any
 
 from dsv32 import chat
 from dsv32.agents.cli import Session, add_model_args, config_from_args, open_session
-from dsv32.agents.envs.base import read_tasks
+from dsv32.agents.envs.base import find_environments, read_tasks
 from dsv32.agents.loop import AgentConfig, call_errors, run_env_task
 from dsv32.evals.common import pass_at_k, write_json
 
 
 def environments(root: Path) -> list[Path]:
     """Environment directories under `root` (or `root` itself), sorted by name."""
-    root = Path(root)
-    if (root / "env.json").is_file():
-        return [root]
-    envs = sorted(d for d in root.iterdir() if (d / "env.json").is_file())
-    if not envs:
-        raise SystemExit(f"dsv32 eval agent: no environment directories (with env.json) under {root}")
-    return envs
+    try:
+        return find_environments(root)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"dsv32 eval agent: --envs {e}") from None
 
 
 def pick_tasks(envs: Sequence[Path], num: int) -> list[tuple[Path, dict]]:

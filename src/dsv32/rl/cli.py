@@ -23,10 +23,20 @@ Metrics per step: ``reward_mean``, ``accuracy`` (share of sampled completions ju
 ``tokens`` (trained tokens of the step), ``seconds`` and its split ``t_rollout`` / ``t_reference`` /
 ``t_train`` (the policy forwards, backward and optimiser steps, plus the route-flip diagnostic forward).
 
+Agent environments (``--task env:DIR[:WEIGHT]``, ``rl/agentic.py``): every task of the environments
+``dsv32 synth`` wrote under DIR; its prompts are rolled out as multi-turn trajectories through the agent loop
+on the same engine (tools and verifier in the sandbox, ``--max-turns`` turns of at most ``--max-new-tokens``
+each, within ``--agent-context`` tokens), rewarded by the verifier, and trained by the same GRPO step with the
+tool output masked out of the loss. They mix with the reasoning tasks by weight. Extra metrics:
+``agent_turns``, ``agent_tool_calls``, ``agent_valid_call_rate``, ``agent_submitted``, ``agent_malformed``,
+``agent_tool_tokens``.
+
 Example (the tiny preset with a byte-level tokenizer would be ``--model preset:tiny --tokenizer DIR``)::
 
     dsv32 rl --model smollm2-135m --task chain_sum --group-size 8 --prompts-per-step 4 --minibatches 2 \\
         --max-new-tokens 64 --max-steps 50 --save-every 10 --out runs/rl
+    dsv32 rl --model smollm2-135m --task env:envs --group-size 4 --prompts-per-step 2 --max-turns 4 \\
+        --max-new-tokens 128 --agent-context 3072 --max-steps 20 --out runs/agent-rl
     dsv32 plot runs/rl
 """
 
@@ -45,11 +55,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsv32.agents.loop import AgentConfig
 from dsv32.checkpoint import save_model
 from dsv32.engine import Engine
 from dsv32.llama import LlamaModel, save_hf
 from dsv32.registry import load_model
 from dsv32.rl import rollout as rollout_io
+from dsv32.rl.agentic import (
+    EnvTask,
+    agent_metrics,
+    is_env_spec,
+    load_env_tasks,
+    parse_env_spec,
+    prompt_length,
+    sample_env_groups,
+)
 from dsv32.rl.rewards import RewardConfig
 from dsv32.rl.rollout import Rollout, sample_groups
 from dsv32.rl.step import GRPOConfig, frozen_copy, grpo_update
@@ -61,7 +81,13 @@ from dsv32.train.run import RunLoop
 
 
 def parse_task_spec(spec: str) -> tuple[str, float]:
-    """``NAME`` or ``NAME:WEIGHT`` -> (name, weight)."""
+    """``NAME`` or ``NAME:WEIGHT`` -> (name, weight); ``env:DIR[:WEIGHT]`` -> ("env:DIR", weight)."""
+    if is_env_spec(spec):
+        try:
+            path, weight = parse_env_spec(spec)
+        except ValueError as e:
+            raise SystemExit(f"dsv32 rl: {e}") from None
+        return f"env:{path}", weight
     name, _, w = spec.partition(":")
     try:
         weight = float(w) if w else 1.0
@@ -74,11 +100,13 @@ def parse_task_spec(spec: str) -> tuple[str, float]:
 
 @dataclass
 class TaskMix:
-    """The weighted task mix of a run and each task's pool of training items."""
+    """The weighted task mix of a run and each task's pool of training items. ``tasks`` holds the reasoning
+    tasks (their scorers); an ``env:DIR`` entry has a pool of agent tasks (`EnvTask`, all of DIR's tasks:
+    ``--pool-size`` does not apply) and is rewarded by each task's own verifier."""
 
     tasks: dict[str, Task]
     weights: dict[str, float]
-    pools: dict[str, list[Item]]
+    pools: dict[str, list[Item] | list[EnvTask]]
 
     @classmethod
     def build(cls, specs: Sequence[str], config: dict[str, dict[str, Any]], pool_size: int, seed: int,
@@ -91,15 +119,22 @@ class TaskMix:
         if unknown:
             raise SystemExit(f"dsv32 rl: --task-config names {unknown}, which are not in --task")
         tasks = {}
+        pools: dict[str, list[Item] | list[EnvTask]] = {}
         for n in names:
+            if is_env_spec(n):
+                try:
+                    pools[n] = load_env_tasks(n[len("env:"):], source=n)
+                except (OSError, ValueError) as e:
+                    raise SystemExit(f"dsv32 rl: --task {n}: {e}") from None
+                continue
             try:
                 tasks[n] = get_task(n, reward, **config.get(n, {}))
             except KeyError as e:
                 raise SystemExit(f"dsv32 rl: {e.args[0]}") from None
-        pools = {n: t.items("train", pool_size, seed=seed) for n, t in tasks.items()}
-        return cls(tasks, dict(parsed), pools)
+            pools[n] = tasks[n].items("train", pool_size, seed=seed)
+        return cls(tasks, dict(parsed), {n: pools[n] for n in names})
 
-    def draw(self, n: int, seed: int, step: int) -> list[Item]:
+    def draw(self, n: int, seed: int, step: int) -> list[Item | EnvTask]:
         """The ``n`` prompts of ``step``: a function of (seed, step) only (a resumed step draws the same)."""
         rng = random.Random(f"dsv32.rl.prompts:{seed}:{step}")
         names = list(self.weights)
@@ -157,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-workers", type=int, default=0,
                    help="sample in N Ray actors (the optional 'rl' extra); 0: in this process")
     g.add_argument("--engine-slots", type=int, default=16, help="engine batch slots")
+    g = p.add_argument_group("agent environments (--task env:DIR)")
+    g.add_argument("--max-turns", type=int, default=8, help="model turns per trajectory (each at most "
+                                                             "--max-new-tokens)")
+    g.add_argument("--agent-context", type=int, default=0,
+                   help="context window of a trajectory in tokens (0: the model's, at most 4096)")
+    g.add_argument("--thinking", choices=("auto", "on", "off"), default="auto",
+                   help="thinking mode (auto: on for V3.2-format models; ChatML models have none)")
+    g.add_argument("--agent-threads", type=int, default=0,
+                   help="trajectories run at once (0: as many as the engine has slots)")
+    g.add_argument("--unsafe", action="store_true",
+                   help="run environment tools and verifiers WITHOUT the sandbox (only if you trust them)")
     g = p.add_argument_group("GRPO")
     g.add_argument("--minibatches", type=int, default=1, help="optimiser steps per rollout batch")
     g.add_argument("--lr", type=float, default=1e-5)
@@ -196,7 +242,8 @@ def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
 #: Arguments that change what a step computes: a resumed run must keep them.
 _STEP_ARGS = ("model", "task", "task_config", "pool_size", "reward_script", "group_size", "prompts_per_step",
               "max_new_tokens", "temperature", "top_p", "top_k", "minibatches", "lr", "clip_eps", "beta", "delta",
-              "max_grad_norm", "unbiased_kl", "opsm", "keep_routing", "keep_sampling_mask", "seed")
+              "max_grad_norm", "unbiased_kl", "opsm", "keep_routing", "keep_sampling_mask", "seed",
+              "max_turns", "agent_context", "thinking")
 
 
 class LocalSampler:
@@ -230,7 +277,8 @@ def rl(args: argparse.Namespace) -> int:
         parts = loop.resume_parts
         if parts is not None:
             was = parts["trainer"]["args"]
-            changed = [k for k in _STEP_ARGS if was.get(k) != _jsonable(args).get(k)]
+            # a key the checkpoint lacks was added later: the run it holds used that argument's default
+            changed = [k for k in _STEP_ARGS if k in was and was[k] != _jsonable(args).get(k)]
             if changed:
                 raise SystemExit(f"dsv32 rl: {loop.resume_checkpoint} was run with other {changed}; a resumed "
                                  "run must keep what a step computes")
@@ -257,8 +305,22 @@ def rl(args: argparse.Namespace) -> int:
             raise SystemExit(f"dsv32 rl: {e}") from None
         mix = TaskMix.build(args.task, task_config, args.pool_size, args.seed,
                             RewardConfig(script=args.reward_script))
-        longest = max(len(codec.prompt(it.prompt)) for pool in mix.pools.values() for it in pool)
+        env_pool = [it for pool in mix.pools.values() for it in pool if isinstance(it, EnvTask)]
+        gym_pool = [it for pool in mix.pools.values() for it in pool if isinstance(it, Item)]
+        longest = max((len(codec.prompt(it.prompt)) for it in gym_pool), default=0)
         max_len = longest + args.max_new_tokens + 1
+        agent_cfg = None
+        if env_pool:
+            agent_cfg = agent_config(args, codec.family, policy, cfg)
+            max_len = max(max_len, agent_cfg.context)  # type: ignore[arg-type]
+            first = max(env_pool, key=lambda it: prompt_length(it, tok, codec.family, agent_cfg))
+            need = prompt_length(first, tok, codec.family, agent_cfg)
+            if need + 1 > agent_cfg.context:  # type: ignore[operator]
+                raise SystemExit(f"dsv32 rl: task {first.id} ({first.env_dir}): its first prompt has {need} tokens, "
+                                 f"more than --agent-context {agent_cfg.context} allows; raise --agent-context")
+            log(f"agent tasks: {len(env_pool)} from {len({it.env_dir for it in env_pool})} environment(s); "
+                f"longest first prompt {need} tokens, context {agent_cfg.context}, "
+                f"thinking {'on' if agent_cfg.thinking else 'off'}")
         opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
                                 weight_decay=0.0, fused=False)
         tokens_total = 0
@@ -274,20 +336,41 @@ def rl(args: argparse.Namespace) -> int:
                     "trainer": {"tokens": tokens_total, "args": _jsonable(args)}}
 
         (out / "rl_args.json").write_text(json.dumps(_jsonable(args), indent=2) + "\n")
+        slots = engine_slots(args)
         sampler = make_sampler(args, policy, max_len)
         try:
 
             def step(i: int) -> dict[str, Any]:
                 nonlocal tokens_total
                 t0 = time.perf_counter()
-                items = mix.draw(args.prompts_per_step, args.seed, i)
-                prompts = [codec.prompt(it.prompt) for it in items]
-                ros = sampler.sample(prompts, args.group_size, run_seed=args.seed, step=i,
-                                     max_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, top_k=args.top_k, stop_token_ids=codec.stop_ids,
-                                     keep_routes=cfg.keep_routing)
-                t1 = time.perf_counter()
-                accuracy = score_rollouts(ros, items, mix.tasks, codec.decode)
+                drawn = mix.draw(args.prompts_per_step, args.seed, i)
+                # reasoning prompts first (groups 0..), then agent tasks: a step's groups are numbered in this order
+                items = [it for it in drawn if isinstance(it, Item)]
+                env_items = [it for it in drawn if isinstance(it, EnvTask)]
+                ros: list[Rollout] = []
+                if items:
+                    prompts = [codec.prompt(it.prompt) for it in items]
+                    ros = sampler.sample(prompts, args.group_size, run_seed=args.seed, step=i,
+                                         max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, top_k=args.top_k, stop_token_ids=codec.stop_ids,
+                                         keep_routes=cfg.keep_routing)
+                t_verify = 0.0
+                agent = {}
+                if env_items:
+                    envs = sample_env_groups(
+                        sampler.engine, tok, codec.family, env_items, args.group_size, agent_cfg,
+                        run_seed=args.seed, step=i, first_group=len(items), threads=args.agent_threads or slots,
+                        unsafe=args.unsafe)
+                    t_verify = envs.t_verify
+                    agent = agent_metrics(envs.trajectories, envs.rollouts)
+                t1 = time.perf_counter() - t_verify
+                if items:
+                    score_rollouts(ros, items, mix.tasks, codec.decode)
+                if env_items:
+                    ros += envs.rollouts
+                    if args.save_rollouts:
+                        _save_trajectories(envs.trajectories, out / "rollouts" / f"step_{i + 1:06d}.agent.jsonl")
+                accuracy = sum(r.verdict == "correct" for r in ros) / len(ros)
                 t2 = time.perf_counter()
                 stats = grpo_update(policy, ref, opt, ros, args.group_size, cfg)
                 t3 = time.perf_counter()
@@ -315,6 +398,7 @@ def rl(args: argparse.Namespace) -> int:
                     "t_score": t2 - t1,
                     "t_reference": stats["t_reference"],
                     "t_train": t3 - t2 - stats["t_reference"],
+                    **agent,
                 }
 
             def postfix(rec: dict[str, Any]) -> dict[str, str]:
@@ -329,9 +413,31 @@ def rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def engine_slots(args: argparse.Namespace) -> int:
+    """Sequences the engine batches: at most a step's rollouts."""
+    return max(1, min(args.engine_slots, args.group_size * args.prompts_per_step))
+
+
+def agent_config(args: argparse.Namespace, family: str, policy: nn.Module, cfg: GRPOConfig) -> AgentConfig:
+    """The per-trajectory settings of the ``env:DIR`` tasks."""
+    thinking = family == "deepseek-v3.2" if args.thinking == "auto" else args.thinking == "on"
+    if thinking and family == "chatml":
+        raise SystemExit("dsv32 rl: --thinking on: ChatML models have no thinking mode")
+    context = args.agent_context or min(getattr(policy.config, "max_position_embeddings", 4096) or 4096, 4096)
+    return AgentConfig(max_turns=args.max_turns, max_tokens=args.max_new_tokens, context=context, thinking=thinking,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                       keep_routes=cfg.keep_routing)
+
+
+def _save_trajectories(trajs: Sequence[Any], path: Path) -> None:
+    """The step's agent trajectories as readable JSON lines (messages, calls, verdict), beside its rollouts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(t.to_json(), ensure_ascii=False, default=str) + "\n" for t in trajs))
+
+
 def make_sampler(args: argparse.Namespace, policy: nn.Module, max_len: int) -> Any:
     """The in-process engine, or ``--rollout-workers`` Ray actors."""
-    slots = max(1, min(args.engine_slots, args.group_size * args.prompts_per_step))
+    slots = engine_slots(args)
     threads = args.threads or None
     if args.rollout_workers > 0:
         from dsv32.rl.workers import RaySampler  # deliberately lazy: Ray is the optional 'rl' extra, slow to import
@@ -352,6 +458,11 @@ def cli_main(argv: list[str]) -> int:
         ("0 < --top-p <= 1", lambda: 0 < args.top_p <= 1),
         ("--pool-size >= 1", lambda: args.pool_size >= 1),
         ("--rollout-workers >= 0", lambda: args.rollout_workers >= 0),
+        ("--max-turns >= 1", lambda: args.max_turns >= 1),
+        ("--agent-context >= 0", lambda: args.agent_context >= 0),
+        ("--agent-threads >= 0", lambda: args.agent_threads >= 0),
+        ("--rollout-workers 0 for env: tasks (agent trajectories roll out in this process)",
+         lambda: not (args.rollout_workers and any(is_env_spec(t) for t in args.task))),
         ("1 <= --minibatches <= group size x prompts per step",
          lambda: 1 <= args.minibatches <= args.group_size * args.prompts_per_step),
     ]

@@ -417,5 +417,33 @@ def write_tasks(path: Path, tasks: list[dict]) -> None:
 
 
 def read_tasks(path: Path) -> list[dict]:
-    with open(Path(path) / "tasks.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The tasks of the environment at `path`; a line that is not a JSON object is an error naming the file
+    and the line."""
+    file = Path(path) / "tasks.jsonl"
+    out = []
+    with open(file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                task = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{file}:{n}: not JSON ({e})") from None
+            if not isinstance(task, dict):
+                raise ValueError(f"{file}:{n}: a task must be a JSON object, got {type(task).__name__}")
+            out.append(task)
+    return out
+
+
+def find_environments(root: str | Path) -> list[Path]:
+    """The environment directories (those holding an env.json) at `root` itself or one level under it, sorted
+    by name. Raises FileNotFoundError / ValueError naming `root` when there are none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    if (root / "env.json").is_file():
+        return [root]
+    envs = sorted(d for d in root.iterdir() if (d / "env.json").is_file())
+    if not envs:
+        raise ValueError(f"{root}: no environment here (no env.json in it or in its sub-directories)")
+    return envs
