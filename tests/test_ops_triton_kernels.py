@@ -157,19 +157,20 @@ def _tied_scores(R: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     scores = torch.randint(-3, 4, (R, T), generator=g).float()
     scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
     n_visible = torch.randint(0, T + 1, (R,), generator=g)
-    n_visible[0], n_visible[1] = T, 3  # a full row; a row with fewer visible keys than topk
+    n_visible[0], n_visible[1], n_visible[2] = T, 3, 0  # a full row; fewer visible keys than topk; none
     scores[torch.arange(T).view(1, T) >= n_visible.view(R, 1)] = float("-inf")
     return scores, n_visible
 
 
-@pytest.mark.parametrize("radix_bits,block", [(8, 128), (2, 64)])
-def test_topk_select_ties_padding_and_order(dev, radix_bits, block):
+@pytest.mark.parametrize("radix_bits,block,programs", [(8, 128, 1), (2, 16, 12)])
+def test_topk_select_ties_padding_and_order(dev, radix_bits, block, programs):
     """The radix threshold select equals the reference's stable sort: ties to the lower position, -1 padding,
-    canonical order when ``ordered`` and the same set otherwise."""
+    canonical order when ``ordered`` and the same set otherwise. One program per row, and rows cut into three
+    segments (ties spread over several segments, a row seeing none)."""
     m = _import("triton_indexer")
     R, T, topk = 4, 45, 10
     scores, n_visible = _tied_scores(R, T, seed=radix_bits)
-    cfg = m.IndexerConfig(topk_block=block, radix_bits=radix_bits)
+    cfg = m.IndexerConfig(topk_block=block, radix_bits=radix_bits, topk_min_programs=programs)
     visible = torch.arange(T).view(1, 1, T) < n_visible.view(1, R, 1)
     want = ref.topk_from_scores(scores.view(1, R, T), visible, topk)[0]  # [R,topk]
     got = m.topk_select(scores.to(dev), n_visible.to(dev), topk, True, cfg).cpu()

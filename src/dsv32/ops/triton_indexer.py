@@ -14,7 +14,9 @@ order-preserving 32-bit key, ``radix_bits`` bits per pass (each pass counts, for
 how many keys are >= each), then one pass gathers every position above that threshold plus the lowest-positioned
 ties, in position order (ties go to the lower position, as the reference's stable sort). Only the k picks are
 then sorted, for the canonical (score desc, position asc) order. Work per row: (32 / radix_bits + 2) reads of
-the row, no sort of it.
+the row, no sort of it. Few rows (decode) are cut into segments, one program each, so that rows x segments
+reaches ``topk_min_programs``: then each pass is a launch whose programs add their counts atomically, and a
+tally and exclusive sums give each segment its first output slot and its share of the ties.
 
 Tile sizes are constexpr from an ``IndexerConfig`` (the default, or the caller's), never from input sizes; offsets
 are int64. Nothing here has been timed on a GPU.
@@ -49,6 +51,10 @@ class IndexerConfig:
     topk_block: int = 1024  # scores per step of the top-k passes
     radix_bits: int = 4  # bits of the threshold found per pass: 1, 2, 4 or 8
     topk_warps: int = 8
+    # Work split of the top-k: a row is cut into segments (one program each, counts merged by atomics, one launch
+    # per pass) until rows x segments reaches this many programs; 1 keeps one program per row and one launch.
+    # A 16-sequence decode otherwise runs on 16 SMs.
+    topk_min_programs: int = 264
 
 
 CONFIG = IndexerConfig()  # a starting point for the H200 sweep (unmeasured)
@@ -225,6 +231,118 @@ def _topk_select_kernel(
             eq_base += tl.sum(eq.to(tl.int32), axis=0)
 
 
+@triton.jit
+def _radix_count_kernel(
+    SC, KK, PREFIX, COUNTS,  # scores [R,T], k per row [R] int32, prefix [R] int64 (offset form), counts [R,NB] int32
+    T, seg_len, shift, stride_sr, stride_cr,
+    BT: tl.constexpr, RB: tl.constexpr,
+):
+    """One radix pass over one segment of a row: how many keys are >= each of the 2^RB candidate prefixes."""
+    r = tl.program_id(0).to(tl.int64)
+    kk = tl.load(KK + r)
+    NB: tl.constexpr = 1 << RB
+    if kk > 0:
+        row = SC + r * stride_sr
+        digits = tl.arange(0, NB).to(tl.int64)
+        cand = (tl.load(PREFIX + r) + (digits << shift) - 2147483648).to(tl.int32)  # [NB] as signed keys
+        t_lo = tl.program_id(1).to(tl.int64) * seg_len
+        t_hi = tl.minimum(t_lo + seg_len, T)
+        counts = tl.zeros([NB], tl.int32)
+        for t0 in range(t_lo, t_hi, BT):
+            offs = t0 + tl.arange(0, BT)
+            ok = offs < t_hi
+            key = _order_key(tl.load(row + offs, mask=ok, other=float("-inf")))
+            counts += tl.sum(((key[None, :] >= cand[:, None]) & ok[None, :]).to(tl.int32), axis=1)
+        tl.atomic_add(COUNTS + r * stride_cr + tl.arange(0, NB), counts, sem="relaxed")
+
+
+@triton.jit
+def _segment_tally_kernel(
+    SC, KK, PREFIX, NGT, NEQ,  # ..., keys above / equal to the threshold per segment: [R,P] int32 each
+    T, seg_len, stride_sr, stride_nr,
+    BT: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    kk = tl.load(KK + r)
+    if kk > 0:
+        row = SC + r * stride_sr
+        thr = (tl.load(PREFIX + r) - 2147483648).to(tl.int32)
+        t_lo = seg.to(tl.int64) * seg_len
+        t_hi = tl.minimum(t_lo + seg_len, T)
+        n_gt = tl.zeros([BT], tl.int32)
+        n_eq = tl.zeros([BT], tl.int32)
+        for t0 in range(t_lo, t_hi, BT):
+            offs = t0 + tl.arange(0, BT)
+            ok = offs < t_hi
+            key = _order_key(tl.load(row + offs, mask=ok, other=float("-inf")))
+            n_gt += ((key > thr) & ok).to(tl.int32)
+            n_eq += ((key == thr) & ok).to(tl.int32)
+        tl.store(NGT + r * stride_nr + seg, tl.sum(n_gt, axis=0))
+        tl.store(NEQ + r * stride_nr + seg, tl.sum(n_eq, axis=0))
+
+
+@triton.jit
+def _segment_gather_kernel(
+    SC, KK, PREFIX, OUT_BASE, EQ_BASE, NEED_EQ, OUT,  # per segment: first output slot, ties before it [R,P];
+    T, seg_len, stride_sr, stride_nr, stride_or,  # ties to take per row [R]; out [R,topk] int32
+    BT: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    kk = tl.load(KK + r)
+    if kk > 0:
+        row = SC + r * stride_sr
+        thr = (tl.load(PREFIX + r) - 2147483648).to(tl.int32)
+        need_eq = tl.load(NEED_EQ + r)
+        base = tl.load(OUT_BASE + r * stride_nr + seg)
+        eq_base = tl.load(EQ_BASE + r * stride_nr + seg)
+        t_lo = seg.to(tl.int64) * seg_len
+        t_hi = tl.minimum(t_lo + seg_len, T)
+        for t0 in range(t_lo, t_hi, BT):
+            offs = t0 + tl.arange(0, BT)
+            ok = offs < t_hi
+            key = _order_key(tl.load(row + offs, mask=ok, other=float("-inf")))
+            eq = (key == thr) & ok
+            eq_rank = eq_base + tl.cumsum(eq.to(tl.int32), axis=0) - 1  # rank among the row's ties
+            sel = ((key > thr) & ok) | (eq & (eq_rank < need_eq))
+            slot = base + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            tl.store(OUT + r * stride_or + slot, offs.to(tl.int32), mask=sel)
+            base += tl.sum(sel.to(tl.int32), axis=0)
+            eq_base += tl.sum(eq.to(tl.int32), axis=0)
+
+
+def _topk_segmented(sc: torch.Tensor, kk: torch.Tensor, out: torch.Tensor, P: int, cfg: IndexerConfig) -> None:
+    """The radix select with each row cut into P segments: one launch per pass (counts merged by atomics, the
+    prefix advanced by torch on device, no host sync), then a tally of each segment's keys above / at the
+    threshold, exclusive sums for every segment's first output slot, and a gather."""
+    R, T = sc.shape
+    NB = 1 << cfg.radix_bits
+    seg_len = triton.cdiv(triton.cdiv(T, P), cfg.topk_block) * cfg.topk_block
+    P = triton.cdiv(T, seg_len)
+    grid = (R, P)
+    prefix = torch.zeros(R, dtype=torch.int64, device=sc.device)  # the threshold so far, offset form
+    counts = torch.empty(R, NB, dtype=torch.int32, device=sc.device)
+    for p in range(32 // cfg.radix_bits):
+        shift = 32 - cfg.radix_bits * (p + 1)
+        counts.zero_()
+        _radix_count_kernel[grid](sc, kk, prefix, counts, T, seg_len, shift, sc.stride(0), counts.stride(0),
+                                  BT=cfg.topk_block, RB=cfg.radix_bits, num_warps=cfg.topk_warps)
+        digit = (counts >= kk.unsqueeze(1)).sum(1) - 1  # candidate 0 (the prefix) always qualifies
+        prefix += digit.clamp_min(0).to(torch.int64) << shift
+    n_gt = torch.zeros(R, P, dtype=torch.int32, device=sc.device)
+    n_eq = torch.zeros(R, P, dtype=torch.int32, device=sc.device)
+    _segment_tally_kernel[grid](sc, kk, prefix, n_gt, n_eq, T, seg_len, sc.stride(0), n_gt.stride(0),
+                                BT=cfg.topk_block, num_warps=cfg.topk_warps)
+    need_eq = kk - n_gt.sum(1, dtype=torch.int32)  # [R] ties taken, lowest positions first
+    eq_before = n_eq.cumsum(1, dtype=torch.int32) - n_eq  # [R,P] ties in earlier segments
+    taken = n_gt + (need_eq.unsqueeze(1) - eq_before).clamp(min=0).minimum(n_eq)  # [R,P] picks per segment
+    out_base = (taken.cumsum(1, dtype=torch.int32) - taken).contiguous()
+    _segment_gather_kernel[grid](sc, kk, prefix, out_base, eq_before.contiguous(), need_eq.contiguous(), out,
+                                 T, seg_len, sc.stride(0), out_base.stride(0), out.stride(0),
+                                 BT=cfg.topk_block, num_warps=cfg.topk_warps)
+
+
 def topk_select(
     scores: torch.Tensor, n_visible: torch.Tensor, topk: int, ordered: bool = True, config: IndexerConfig | None = None
 ) -> torch.Tensor:
@@ -240,9 +358,14 @@ def topk_select(
         raise ValueError(f"IndexerConfig.radix_bits must divide 32, got {cfg.radix_bits}")
     sc = scores if scores.stride(-1) == 1 else scores.contiguous()
     kk = n_visible.to(torch.int64).clamp(0, min(T, topk)).to(torch.int32).contiguous()
-    _topk_select_kernel[(R,)](
-        sc, kk, out, T, sc.stride(0), out.stride(0), BT=cfg.topk_block, RB=cfg.radix_bits, num_warps=cfg.topk_warps
-    )
+    segments = min(triton.cdiv(cfg.topk_min_programs, R), triton.cdiv(T, cfg.topk_block))
+    if segments > 1:
+        _topk_segmented(sc, kk, out, segments, cfg)
+    else:
+        _topk_select_kernel[(R,)](
+            sc, kk, out, T, sc.stride(0), out.stride(0), BT=cfg.topk_block, RB=cfg.radix_bits,
+            num_warps=cfg.topk_warps,
+        )
     if ordered:  # the picks are in position order: a stable sort by score of only those k gives the canonical order
         vals = sc.gather(-1, out.clamp_min(0).long()).masked_fill(out < 0, float("-inf"))
         out = out.gather(-1, vals.sort(dim=-1, descending=True, stable=True).indices)

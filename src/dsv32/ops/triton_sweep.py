@@ -65,7 +65,7 @@ SWEEP: dict[str, list] = {
                        indexer.IndexerConfig(block_q=4, block_t=64, num_warps=8),
                        indexer.IndexerConfig(block_q=2, block_t=128, tiles=32, num_stages=3)],
     "topk": [indexer.CONFIG, indexer.IndexerConfig(topk_block=2048, topk_warps=16),
-             indexer.IndexerConfig(topk_block=512, radix_bits=8, topk_warps=8),
+             indexer.IndexerConfig(topk_min_programs=1), indexer.IndexerConfig(topk_min_programs=1024),
              indexer.IndexerConfig(topk_block=1024, radix_bits=2, topk_warps=4)],
     "dense_decode": [dense.CONFIG, dense.DenseConfig(num_splits=64), dense.DenseConfig(block_t=32),
                      dense.DenseConfig(num_splits=128, block_t=32, num_stages=1)],
@@ -260,6 +260,15 @@ def compile_report(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP)
     for c in configs["topk"] if "topk" in kernels else []:
         jobs.append(("topk", c, indexer._topk_select_kernel, dict(SC=f32, KK="*i32", OUT="*i32"),
                      dict(BT=c.topk_block, RB=c.radix_bits), c.topk_warps, 1))
+        jobs.append(("topk_seg_count", c, indexer._radix_count_kernel,
+                     dict(SC=f32, KK="*i32", PREFIX="*i64", COUNTS="*i32"),
+                     dict(BT=c.topk_block, RB=c.radix_bits), c.topk_warps, 1))
+        jobs.append(("topk_seg_tally", c, indexer._segment_tally_kernel,
+                     dict(SC=f32, KK="*i32", PREFIX="*i64", NGT="*i32", NEQ="*i32"), dict(BT=c.topk_block),
+                     c.topk_warps, 1))
+        jobs.append(("topk_seg_gather", c, indexer._segment_gather_kernel,
+                     dict(SC=f32, KK="*i32", PREFIX="*i64", OUT_BASE="*i32", EQ_BASE="*i32", NEED_EQ="*i32",
+                          OUT="*i32"), dict(BT=c.topk_block), c.topk_warps, 1))
     for c in configs["dense_decode"] if "dense_decode" in kernels else []:
         jobs.append(("dense_decode", c, dense._dense_mla_split_kernel,
                      dict(Q=bf, KV=bf, POS="*i64", PO=f32, PL=f32, qk_scale="fp32"),
