@@ -262,6 +262,83 @@ def run_throughput(engine: Engine, prompts: list[list[int]], *, tokens: int, mas
     return n / (end[0] - start[0]), n / (end[1] - start[1]), n
 
 
+def compare_libraries(tok: Tokenizer, compiler: grammar.GrammarCompiler, schemas: list[dict[str, Any]],
+                      instances: list[Any]) -> dict[str, Any]:
+    """Per-token cost of the two grammar libraries that build a token mask from a JSON Schema: xgrammar (what
+    `dsv32.grammar` uses) and llguidance. Each walks the canonical tokens of a valid instance of each schema
+    (``json.dumps``' spacing, which both accept by default), timing the mask fill and the token accept in
+    CPU time, and checking that every token is accepted and the walk ends complete. Compile times too."""
+    import llguidance  # a comparison only: neither the server nor the tests need it
+    import llguidance.numpy as llnp
+    import numpy as np
+    import xgrammar as xgr
+
+    V = compiler.vocab_size
+    ll_tok = llguidance.LLTokenizer(tok.backend.to_str(), n_vocab=V, eos_token=tok.eos_id)
+    out: dict[str, Any] = {}
+    for lib in ("xgrammar", "llguidance"):
+        fills, accepts, compiles, ok = [], [], [], True
+        for schema, inst in zip(schemas, instances):
+            ids = tok.encode(json.dumps(inst))
+            t = time.thread_time()
+            if lib == "xgrammar":
+                m = xgr.GrammarMatcher(compiler._compile_uncached(json.dumps(grammar.json_format(schema))),
+                                       override_stop_tokens=[tok.eos_id])
+                bitmask = xgr.allocate_token_bitmask(1, V)
+            else:
+                m = llguidance.LLMatcher(ll_tok, llguidance.LLMatcher.grammar_from_json_schema(schema), log_level=0)
+                bitmask = llnp.allocate_token_bitmask(1, V)
+            compiles.append(time.thread_time() - t)
+            for i in ids:
+                t = time.thread_time()
+                if lib == "xgrammar":
+                    m.fill_next_token_bitmask(bitmask, 0)
+                    bits = np.asarray(bitmask)
+                else:
+                    llnp.fill_next_token_bitmask(m, bitmask, 0)
+                    bits = bitmask
+                t2 = time.thread_time()
+                allowed = bool((bits[0, i // 32] >> (i % 32)) & 1)
+                accepted = m.accept_token(i) if lib == "xgrammar" else m.consume_token(i)
+                accepts.append(time.thread_time() - t2)
+                fills.append(t2 - t)
+                ok = ok and allowed and bool(accepted)
+            ok = ok and (m.is_completed() if lib == "xgrammar" else m.is_accepting())
+        out[lib] = {"fill_us_median": 1e6 * statistics.median(fills), "fill_us_p99": 1e6 * sorted(fills)[
+            int(0.99 * (len(fills) - 1))], "fill_us_max": 1e6 * max(fills), "accept_us_median":
+            1e6 * statistics.median(accepts), "compile_ms_median": 1e3 * statistics.median(compiles),
+            "compile_ms_max": 1e3 * max(compiles), "tokens": len(fills), "all_accepted": ok}
+    return out
+
+
+def _instance(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> Any:
+    """A small valid instance of a generated schema (the comparison walks it)."""
+    defs = schema.get("$defs", defs)
+    if "$ref" in schema:
+        return _instance(defs[schema["$ref"].rsplit("/", 1)[1]], defs)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "anyOf" in schema:
+        return _instance(schema["anyOf"][-1], defs)
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: _instance(v, defs) for k, v in schema["properties"].items()}
+    if kind == "array":
+        if "prefixItems" in schema:
+            return [_instance(s, defs) for s in schema["prefixItems"]]
+        return [_instance(schema["items"], defs) for _ in range(max(1, schema.get("minItems", 0)))]
+    if kind == "string":
+        return {"^[A-Z][a-z]{1,10}$": "Paris", "^[0-9]{3}-[0-9]{4}$": "555-1234", "^[a-z]+(-[a-z]+)*$": "a-b",
+                "^#[0-9a-f]{6}$": "#00ff00", "^v[0-9]\\.[0-9]$": "v1.2"}.get(schema.get("pattern"), "hello")
+    if kind in ("integer", "number"):
+        return max(schema.get("minimum", 1), 1) if "maximum" not in schema or schema["maximum"] >= 1 else 0
+    if kind == "boolean":
+        return True
+    return None
+
+
 # ============================================================================================ main
 
 
@@ -291,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-validity", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--compare-libraries", action="store_true",
+                    help="also time xgrammar against llguidance on the schemas' valid instances")
     ap.add_argument("--quick", action="store_true", help="8 schemas, 1 repeat, 16 tokens")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
@@ -362,6 +441,20 @@ def main(argv: list[str] | None = None) -> int:
               f"(target <= 10 %); mask fill + accept {mask_us:.0f} us CPU per token", flush=True)
         report["overhead"] = {"streams": a.streams, "tokens": a.tokens, "runs": runs, "overhead_wall": 1 - c / p,
                               "overhead_cpu": 1 - cc / pc, "mask_us_per_token": mask_us}
+    if a.compare_libraries:
+        schemas = make_schemas(a.schemas, a.seed)
+        instances = [_instance(sc) for sc in schemas]
+        import jsonschema  # the instances are checked, so a wrong one cannot flatter either library
+
+        for sc, inst in zip(schemas, instances):
+            jsonschema.validate(inst, sc)
+        cmp = compare_libraries(tok, compiler, schemas, instances)
+        for lib, r in cmp.items():
+            print(f"{lib:<10} fill median {r['fill_us_median']:.0f} us (p99 {r['fill_us_p99']:.0f}, max "
+                  f"{r['fill_us_max']:.0f}), accept {r['accept_us_median']:.0f} us, compile median "
+                  f"{r['compile_ms_median']:.1f} ms (max {r['compile_ms_max']:.0f}), {r['tokens']} tokens, "
+                  f"every token accepted and complete: {r['all_accepted']}", flush=True)
+        report["libraries"] = cmp
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
