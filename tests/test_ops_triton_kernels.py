@@ -326,7 +326,8 @@ def test_sweep_harness_runs_under_the_interpreter(dev):
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_on_tensor_cores():
     """Every kernel compiles for Hopper without a GPU (a separate process: the interpreter is off there), and the
-    matrix kernels' SASS holds tensor-core instructions (wgmma, or mma.sync for the backward's 32-head blocks)."""
+    matrix kernels' SASS holds tensor-core instructions (wgmma, or mma.sync for the backward's 32-head blocks), and
+    every swept configuration fits Hopper's shared memory per block."""
     pytest.importorskip("triton")
     import json
     import subprocess
@@ -341,5 +342,6 @@ def test_kernels_compile_for_sm90_on_tensor_cores():
         rows = json.load(open(path))["rows"]
     assert rows and all("error" not in r for r in rows), [r.get("error") for r in rows]
     for r in rows:
+        assert r["fits_shared"], r  # else the launch fails on the GPU
         if r["kernel"] != "dense_combine":
             assert r["wgmma"] + r["mma_sync"] > 0, r

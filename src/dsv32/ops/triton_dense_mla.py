@@ -90,7 +90,7 @@ def _dense_mla_split_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kvv.dtype), kvv, input_precision=PREC)
+        acc = tl.dot(p.to(kvv.dtype), kvv, acc * alpha[:, None], input_precision=PREC)  # rescale, accumulate in place
         m_i = m_new
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)

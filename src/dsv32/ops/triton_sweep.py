@@ -59,7 +59,7 @@ SWEEP: dict[str, list] = {
     "sparse_mla_fwd": [smla.TileConfig(64, 32, 8, 1), smla.TileConfig(64, 16, 8, 1), smla.TileConfig(64, 64, 8, 2),
                        smla.TileConfig(64, 32, 8, 2), smla.TileConfig(64, 32, 16, 1), smla.TileConfig(32, 64, 8, 2)],
     "sparse_mla_bwd": [smla.TileConfig(32, 16, 8, 1), smla.TileConfig(16, 16, 4, 1), smla.TileConfig(32, 32, 8, 1),
-                       smla.TileConfig(64, 16, 8, 1)],
+                       smla.TileConfig(16, 32, 4, 1)],
     "indexer_scores": [indexer.CONFIG, indexer.IndexerConfig(block_q=1, block_t=128),
                        indexer.IndexerConfig(block_q=2, block_t=64, tiles=16),
                        indexer.IndexerConfig(block_q=4, block_t=64, num_warps=8),
@@ -205,6 +205,9 @@ def run(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP), log: Call
     return rows
 
 
+SHARED_LIMIT = {90: 227 * 1024}  # shared memory one block may use (bytes), by compute capability
+
+
 def _compile_one(fn, types: dict[str, str], consts: dict[str, object], num_warps: int, num_stages: int,
                  arch: int) -> dict:
     """Compile one kernel for sm_<arch> (no GPU needed) and read its resources and instruction mix off the SASS."""
@@ -228,7 +231,8 @@ def _compile_one(fn, types: dict[str, str], consts: dict[str, object], num_warps
     regs, stack = re.search(r"REG:(\d+)", res), re.search(r"STACK:(\d+)", res)
     ops = collections.Counter(re.findall(r"\b(HGMMA|QGMMA|HMMA|STL|LDL)\b", sass))
     return {"regs": int(regs.group(1)) if regs else None, "stack_bytes": int(stack.group(1)) if stack else None,
-            "shared_bytes": k.metadata.shared, "spill_stores": ops["STL"], "spill_loads": ops["LDL"],
+            "shared_bytes": k.metadata.shared, "fits_shared": k.metadata.shared <= SHARED_LIMIT.get(arch, 0),
+            "spill_stores": ops["STL"], "spill_loads": ops["LDL"],
             "wgmma": ops["HGMMA"] + ops["QGMMA"], "mma_sync": ops["HMMA"]}
 
 
@@ -281,7 +285,8 @@ def compile_report(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP)
         try:
             row.update(_compile_one(fn, types, consts, warps, stages, arch))
             log(f"{name:<16} regs {row['regs']:>3} stack {row['stack_bytes']:>5} B  spills {row['spill_stores']:>4} st "
-                f"{row['spill_loads']:>4} ld  wgmma {row['wgmma']:>3}  mma.sync {row['mma_sync']:>3}  {cfg}")
+                f"{row['spill_loads']:>4} ld  wgmma {row['wgmma']:>3}  mma.sync {row['mma_sync']:>3}  shared "
+                f"{row['shared_bytes'] >> 10:>3} KiB{'' if row['fits_shared'] else ' (TOO MUCH)'}  {cfg}")
         except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result too
             row["error"] = f"{type(e).__name__}: {e}"[:300]
             log(f"{name:<16} error {row['error']}  {cfg}")
