@@ -303,7 +303,7 @@ def test_kernel_timings_on_gpu(capsys):
     """Each kernel at reduced V3.2 shapes over a few tile configurations, bf16 (indexer FP8), correctness checked
     on a slice against the fp32 reference first; prints what it measured (docs/kernels.md: the full sweep)."""
     sweep = _import("triton_sweep")
-    rows = sweep.run(sweep.QUICK, log=print)  # bf16; the indexer on e4m3 codes
+    rows = sweep.run(sweep.QUICK, log=print, max_configs=2)  # bf16; the indexer on e4m3 codes
     assert rows and all(r["median_ms"] > 0 for r in rows)
 
 

@@ -100,7 +100,7 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None
 
 def run(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP), log: Callable[[str], None] = print,
         seed: int = 0, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, sweep: dict | None = None,
-        runs: int = 20, warmup: int = 5) -> list[dict]:
+        runs: int = 20, warmup: int = 5, max_configs: int | None = None) -> list[dict]:
     """Check, then time, every kernel x configuration -> rows {kernel, config, median_ms, tflops, tbps, error}.
 
     ``device="cpu"`` with fp32 runs the same code under Triton's interpreter (the harness's own test; its
@@ -109,6 +109,8 @@ def run(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP), log: Call
     g = torch.Generator(device=dev).manual_seed(seed)
     bf = dtype
     configs = SWEEP if sweep is None else sweep
+    if max_configs:  # each configuration is a compilation (seconds each): a quick run takes the first few
+        configs = {name: cs[:max_configs] for name, cs in configs.items()}
     e = torch.finfo(dtype).bits // 8
     rows: list[dict] = []
 
@@ -296,7 +298,8 @@ def compile_report(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsv32.ops.triton_sweep", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="S 256, T 32K, 4 decode sequences")
+    p.add_argument("--quick", action="store_true", help="S 256, T 32K, 4 decode sequences, 2 configurations each")
+    p.add_argument("--configs", type=int, help="try only the first N configurations of each kernel")
     p.add_argument("--kernels", nargs="*", default=list(SWEEP), choices=list(SWEEP))
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--compile-report", action="store_true",
@@ -308,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         p.error("timing needs a CUDA GPU (--compile-report does not)")
     else:
-        rows, device = run(QUICK if a.quick else FULL, kernels=tuple(a.kernels)), torch.cuda.get_device_name()
+        n = a.configs or (2 if a.quick else None)
+        rows = run(QUICK if a.quick else FULL, kernels=tuple(a.kernels), max_configs=n)
+        device = torch.cuda.get_device_name()
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": device, "triton": triton.__version__, "rows": rows}, f, indent=1)
