@@ -17,7 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serve": ("dsv32.bench.serve:main", "serving throughput and latency vs HF generate and llama.cpp"),
     "peers": ("dsv32.bench.peers:main", "long-context prefill/decode and memory vs HF transformers' V3.2"),
     "kernels": ("dsv32.bench.kernels:main", "achieved TFLOP/s and TB/s of each DSA kernel and dense baseline (JSON)"),
-    "grammar": ("dsv32.bench.grammar:main", "structured output: validity of constrained replies, overhead at N streams"),
+    "grammar": ("dsv32.bench.grammar:main", "structured output: schema validity and overhead at N streams"),
     "weights": ("dsv32.bench.weights:main", "CPU weight formats (packed, fp16, int8): stream rate, perplexity, decode"),
 }
 
