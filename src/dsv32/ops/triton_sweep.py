@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
@@ -67,8 +67,8 @@ SWEEP: dict[str, list] = {
     "topk": [indexer.CONFIG, indexer.IndexerConfig(topk_block=2048, topk_warps=16),
              indexer.IndexerConfig(topk_min_programs=1), indexer.IndexerConfig(topk_min_programs=1024),
              indexer.IndexerConfig(topk_block=1024, radix_bits=2, topk_warps=4)],
-    "dense_decode": [dense.CONFIG, dense.DenseConfig(num_splits=64), dense.DenseConfig(block_t=32),
-                     dense.DenseConfig(num_splits=128, block_t=32, num_stages=1)],
+    "dense_decode": [dense.CONFIG, replace(dense.CONFIG, num_splits=64), replace(dense.CONFIG, block_t=32),
+                     replace(dense.CONFIG, num_splits=128, num_stages=1)],
 }
 
 
