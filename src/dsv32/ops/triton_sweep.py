@@ -56,9 +56,9 @@ QUICK = Shapes(S=256, T=32768, B_dec=4)
 # The tile configurations tried (a sweep, not autotuning at run time: the defaults in each module are what the
 # ops use until a measured sweep replaces them).
 SWEEP: dict[str, list] = {
-    "sparse_mla_fwd": [smla.TileConfig(64, 32, 8, 1), smla.TileConfig(64, 16, 8, 1), smla.TileConfig(64, 64, 8, 2),
-                       smla.TileConfig(64, 32, 8, 2), smla.TileConfig(64, 32, 16, 1), smla.TileConfig(32, 64, 8, 2)],
-    "sparse_mla_bwd": [smla.TileConfig(32, 16, 8, 1), smla.TileConfig(16, 16, 4, 1), smla.TileConfig(32, 32, 8, 1),
+    "sparse_mla_fwd": [smla.FWD_CONFIG, smla.TileConfig(64, 32, 8, 2), smla.TileConfig(64, 64, 8, 2),
+                       smla.TileConfig(64, 32, 8, 3), smla.TileConfig(64, 32, 8, 1), smla.TileConfig(32, 64, 8, 2)],
+    "sparse_mla_bwd": [smla.BWD_CONFIG, smla.TileConfig(16, 16, 4, 1), smla.TileConfig(32, 32, 8, 1),
                        smla.TileConfig(16, 32, 4, 1)],
     "indexer_scores": [indexer.CONFIG, indexer.IndexerConfig(block_q=1, block_t=128),
                        indexer.IndexerConfig(block_q=2, block_t=64, tiles=16),
@@ -207,6 +207,7 @@ def run(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP), log: Call
     return rows
 
 
+ALIGNED_INTS = {"D", "DV", "DI", "K", "seg_len", "keys_per_split"}  # multiples of 16 at V3.2 shapes
 SHARED_LIMIT = {90: 227 * 1024}  # shared memory one block may use (bytes), by compute capability
 
 
@@ -219,7 +220,11 @@ def _compile_one(fn, types: dict[str, str], consts: dict[str, object], num_warps
     if not hasattr(fn, "arg_names") or os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("triton_sweep.compile_report needs TRITON_INTERPRET unset (compiled, not interpreted)")
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
+    # what the launcher specialises at V3.2 shapes: 16-byte aligned pointers and strides and widths divisible by
+    # 16 (without it the compiler cannot prove rows contiguous and aligned and emits scalar loads)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+               if n not in consts and (sig[n].startswith("*") or n.startswith("stride_") or n in ALIGNED_INTS)}
+    k = triton.compile(ASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as d:
