@@ -76,3 +76,118 @@ def test_generate_streams_from_a_saved_checkpoint(tmp_path):
     assert c.stdout == d.stdout  # seeded sampling is reproducible
     bad = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
     assert bad.returncode != 0 and "missing" in bad.stderr
+
+
+# ============================================================================================ --device / --dtype
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    from dsv32.checkpoint import save_model
+
+    torch.manual_seed(0)
+    save_model(Transformer(ModelConfig.from_name("tiny").replace(vocab_size=129280)), path)  # bundled tokenizer
+    return path
+
+
+def test_resolve_placement_defaults_and_errors():
+    import pytest
+
+    from dsv32.registry import resolve_placement
+
+    if NO_CUDA:
+        assert resolve_placement() == (torch.device("cpu"), torch.float32)
+        with pytest.raises(ValueError, match="--device 'cuda': CUDA is not available"):
+            resolve_placement("cuda")
+    else:
+        assert resolve_placement() == (torch.device("cuda"), torch.bfloat16)
+    assert resolve_placement("cpu", "float32") == (torch.device("cpu"), torch.float32)
+    with pytest.warns(RuntimeWarning, match="slower than float32"):
+        assert resolve_placement("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="--device 'tpu'"):
+        resolve_placement("tpu")
+    with pytest.raises(ValueError, match="--dtype 'int4'"):
+        resolve_placement("cpu", "int4")
+
+
+def test_every_model_command_parses_device_and_dtype():
+    """Each command's own parser takes the two flags (an unknown flag would be "unrecognized arguments")."""
+    from dsv32.evals import passkey, ppl, retrieval, tasks
+    from dsv32.train import sparsify
+
+    flags = ["--device", "cpu", "--dtype", "float32"]
+    for build, argv in ((ppl.build_parser, ["--model", "m", "--context", "8"]),
+                        (passkey.build_parser, ["--model", "m", "--context", "8"]),
+                        (retrieval.build_parser, ["--model", "m", "--context", "8"]),
+                        (tasks.build_parser, ["--model", "m", "--task", "t"]),
+                        (sparsify.build_parser, ["--stage", "1", "--model", "m", "--out", "o"])):
+        args = build().parse_args([*argv, *flags])
+        assert (args.device, args.dtype) == ("cpu", "float32"), build.__module__
+    assert sparsify.build_parser().parse_args(["--stage", "1", "--model", "m", "--out", "o"]).dtype == "float32"
+    assert ppl.build_parser().parse_args(["--model", "m", "--context", "8"]).dtype == "auto"
+
+
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    import pytest
+
+    from dsv32 import evals, generate
+    from dsv32.serve import cli as serve_cli
+    from dsv32.train import sparsify
+
+    if not NO_CUDA:
+        pytest.skip("this machine has CUDA")
+    for fn, argv in ((generate.main, ["--model", "m", "--prompt", "x"]), (serve_cli.cli_main, ["--model", "m"]),
+                     (sparsify.cli_main, ["--stage", "1", "--model", "m", "--out", str(tmp_path)])):
+        with pytest.raises(SystemExit) as e:
+            fn([*argv, "--device", "cuda"])
+        assert e.value.code == 2 and "CUDA is not available" in capsys.readouterr().err, fn.__module__
+    for name in ("ppl", "passkey", "retrieval", "tasks"):
+        assert evals.cli_main([name, "--model", "m", "--context", "8", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate.main(["--model", "m", "--prompt", "x", "--dtype", "int4"])  # not a choice
+
+
+def test_generate_and_eval_run_with_device_and_dtype(tmp_path, capsys):
+    """`generate` and `eval ppl` on a tiny checkpoint with --device cpu; the ppl in float32 and in bfloat16 (warned:
+    slow on CPUs) are close but different, so the dtype reaches the model."""
+    import json
+
+    import pytest
+
+    from dsv32 import evals, generate
+
+    ckpt = str(_tiny_checkpoint(tmp_path / "ckpt"))
+    argv = ["--model", ckpt, "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0"]
+    assert generate.main([*argv, "--device", "cpu", "--dtype", "float32"]) == 0
+    assert "3 generated" in capsys.readouterr().err
+    with pytest.raises(SystemExit), pytest.warns(RuntimeWarning):  # the CPU weight formats pack fp32 weights only
+        generate.main([*argv, "--dtype", "bfloat16", "--weights-format", "int8"])
+    assert "--weights-format int8 packs fp32 weights" in capsys.readouterr().err
+
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north"]
+    for src in ("prose", "verse"):
+        d = tmp_path / "raw" / src
+        d.mkdir(parents=True)
+        for i in range(6):
+            (d / f"doc{i}.txt").write_text("\n".join(" ".join(words[(i + j + w) % 8] for w in range(9))
+                                                     for j in range(60)))
+    ppl_of = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"ppl-{dtype}.json"
+        with pytest.warns(RuntimeWarning) if dtype == "bfloat16" else _no_warning():
+            assert evals.cli_main(["ppl", "--model", ckpt, "--context", "32", "--num-seqs", "1", "--text",
+                                   str(tmp_path / "raw"), "--device", "cpu", "--dtype", dtype, "--json",
+                                   str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert (r["settings"]["device"], r["settings"]["dtype"]) == ("cpu", dtype)
+        ppl_of[dtype] = r["results"]["ppl"]
+    assert ppl_of["float32"] != ppl_of["bfloat16"]
+    assert ppl_of["bfloat16"] == pytest.approx(ppl_of["float32"], rel=0.05)
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

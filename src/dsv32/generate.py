@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from dsv32.quant import WEIGHT_FORMATS, pack_linears
-from dsv32.registry import load_model
+from dsv32.registry import add_placement_args, load_model, placement_from_args
 from dsv32.sampling import sample
 from dsv32.tokenizer import Detokenizer, Tokenizer, load_tokenizer
 
@@ -77,9 +77,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--num-layers", type=int, default=None, help="load only the first N layers (debugging)")
     p.add_argument("--weights-format", choices=WEIGHT_FORMATS, default="fp32",
                    help="CPU inference format of the linear weights (dsv32.quant.pack_linears)")
+    add_placement_args(p)
     args = p.parse_args(argv)
+    device, dtype = placement_from_args(p, args)
+    if args.weights_format != "fp32" and (device.type != "cpu" or dtype != torch.float32):
+        p.error(f"--weights-format {args.weights_format} packs fp32 weights for the CPU; use it with --device cpu "
+                "--dtype float32")
 
-    model = load_model(args.model, num_layers=args.num_layers).eval()
+    model = load_model(args.model, num_layers=args.num_layers, device=device, dtype=dtype).eval()
     pack_linears(model, args.weights_format)
     tok = load_tokenizer(args.model)
     ids = tok.encode(args.prompt, add_bos=not args.no_bos)

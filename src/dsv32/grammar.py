@@ -230,7 +230,7 @@ class GrammarCompiler:
                 raise VocabularyError(f"constrained decoding needs a stop id below the model's vocabulary size "
                                       f"{self.vocab_size}, got {sorted(stop_ids)}: the reply could never end")
             raise SchemaError("constrained decoding needs a stop id (EOS) to end the reply; none was given "
-                              "(ignore_eos cannot be combined with a grammar)")
+                              "(with ignore_eos, name one in stop_token_ids)")
         return functools.partial(GrammarMask, compiled, stops, self.vocab_size)
 
 

@@ -191,11 +191,13 @@ def resolve_placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.
     return dev, dt
 
 
-def add_placement_args(p: argparse.ArgumentParser) -> None:
-    """``--device`` and ``--dtype``, the same on every command that loads a model."""
+def add_placement_args(p: Any, *, dtype_default: str = "auto", dtype_help: str = "") -> None:
+    """``--device`` and ``--dtype``, the same on every command that loads a model (``p``: a parser or group).
+    Training commands default to float32 weights: a bf16 weight swallows AdamW updates far below its 8-bit
+    mantissa's resolution."""
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="weights and activations (auto: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--dtype", default=dtype_default, choices=["auto", *DTYPES],
+                   help=dtype_help or "weights and activations (auto: bfloat16 on CUDA, float32 on the CPU)")
 
 
 def placement_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:

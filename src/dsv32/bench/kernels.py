@@ -237,10 +237,11 @@ def _dense_prefill_check(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 def run(shapes: Shapes, *, device: torch.device, dtype: torch.dtype, backend: str = "auto", runs: int = 20,
         warmup: int = 5, index_keys: str = "fp8", skip: tuple[str, ...] = (), seed: int = 0,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time every kernel at ``shapes`` -> ``{"results": [...], "ratios": {...}, "settings": {...}}``."""
     shapes.check()
     sh = shapes
+    log = log or (lambda line: print(line, flush=True))  # flushed: long CPU runs are followed through a log file
     gen = torch.Generator(device=device).manual_seed(seed)
     rnd = lambda *size, dt=dtype: torch.randn(*size, generator=gen, device=device, dtype=torch.float32).to(dt)  # noqa: E731
     e = torch.finfo(dtype).bits // 8  # bytes per element of q / latents

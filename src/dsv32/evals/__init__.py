@@ -17,11 +17,17 @@ smoke tests).
 Held-out text: ``--text DIR`` (default ``runs/raw/raw``: one sub-directory per source) keeps the documents that
 the project's per-document split rule (``dsv32.data.assign_splits``, val fraction 0.02) puts in *val*; sparsify
 trains on the *train* documents only.
+
+Placement: ``--device`` (auto, cpu, cuda, cuda:N) and ``--dtype`` (auto: bfloat16 on CUDA, float32 on the CPU)
+on every evaluation that loads a model itself (ppl, passkey, retrieval, tasks); ``dsv32.registry.resolve_placement``
+checks them before anything is loaded.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import warnings
 
 from dsv32.evals import agent, passkey, ppl, retrieval, tasks
 from dsv32.evals.common import (
@@ -41,6 +47,7 @@ from dsv32.evals.modes import (
     window_idx,
     window_selection,
 )
+from dsv32.registry import add_placement_args, resolve_placement
 
 _EVALS = {"ppl": ppl.cli_main, "passkey": passkey.cli_main, "retrieval": retrieval.cli_main, "agent": agent.cli_main,
           "tasks": tasks.cli_main}
@@ -49,13 +56,25 @@ _EVALS = {"ppl": ppl.cli_main, "passkey": passkey.cli_main, "retrieval": retriev
 def cli_main(argv: list[str]) -> int:
     """``dsv32 eval ppl ...`` / ``dsv32 eval passkey ...``."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: dsv32 eval {ppl,passkey,retrieval} --model M --context T [--topk K|--dense|--window K] "
-              "[--indexer FILE] --json FILE")
+        print(f"usage: dsv32 eval {{{','.join(_EVALS)}}} --model M --context T [--topk K|--dense|--window K] "
+              "[--indexer FILE] [--device D] [--dtype T] --json FILE")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in _EVALS:
         print(f"dsv32 eval: unknown evaluation {name!r} ({', '.join(_EVALS)})", file=sys.stderr)
         return 2
+    if "-h" not in rest and "--help" not in rest:
+        # an unusable --device fails here, with its reason, before the evaluation loads anything
+        pre = argparse.ArgumentParser(prog=f"dsv32 eval {name}", add_help=False)
+        add_placement_args(pre)
+        placed, _ = pre.parse_known_args(rest)
+        try:
+            with warnings.catch_warnings():  # the evaluation warns (once) when it resolves them itself
+                warnings.simplefilter("ignore")
+                resolve_placement(placed.device, placed.dtype)
+        except ValueError as e:
+            print(f"dsv32 eval {name}: {e}", file=sys.stderr)
+            return 2
     return _EVALS[name](rest)
 
 

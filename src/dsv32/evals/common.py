@@ -16,7 +16,7 @@ from torch import nn
 
 import dsv32
 from dsv32.llama import LlamaModel
-from dsv32.registry import indexer_params, load_model, shipped
+from dsv32.registry import add_placement_args, indexer_params, load_model, resolve_placement, shipped
 from dsv32.tokenizer import load_tokenizer
 from dsv32.train import checkpointing as ckpt
 
@@ -41,11 +41,14 @@ def load_eval_model(
     index_heads: int | None = None,
     seed: int = 0,
     indexer: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer or None) for ``spec`` (see the module docstring), through ``dsv32.load_model``.
     ``dsa`` turns the model's DSA on (sparse once a query sees more than k keys); ``topk`` sets its k;
-    ``indexer`` loads indexer weights (metadata checked against the model)."""
-    model = load_model(spec, dsa=dsa, topk=topk, index_heads=index_heads, seed=seed, indexer=indexer)
+    ``indexer`` loads indexer weights (metadata checked against the model); ``device``/``dtype`` place it."""
+    model = load_model(spec, dsa=dsa, topk=topk, index_heads=index_heads, seed=seed, indexer=indexer, device=device,
+                       dtype=dtype)
     if spec.lower().startswith("preset:"):
         return model, None  # random weights, no tokenizer
     if isinstance(model, LlamaModel):
@@ -75,7 +78,8 @@ def base_settings(args: Any, mode: str, k: int | None) -> dict[str, Any]:
         "window": k if mode == "window" else None, "sinks": 4 if mode == "window" else None, "indexer": indexer,
         "sparse_impl": None if mode == "dense" else getattr(args, "sparse_impl", "op"),
         "weights": str(args.weights) if getattr(args, "weights", None) else None,
-        "seed": args.seed, "dsv32": dsv32.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "seed": args.seed, "device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None),
+        "dsv32": dsv32.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "command": "dsv32 eval " + " ".join(sys.argv[2:])
         if sys.argv[1:2] == ["eval"] else None,
     }
@@ -106,8 +110,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def prepare_model(args: Any, mode: str, k: int | None) -> tuple[nn.Module, Any]:
+    device, dtype = resolve_placement(getattr(args, "device", "cpu"), getattr(args, "dtype", "float32"))
     model, tok = load_eval_model(args.model, dsa=mode != "dense", topk=k, index_heads=args.index_heads,
-                                 seed=args.seed, indexer=args.indexer)
+                                 seed=args.seed, indexer=args.indexer, device=device, dtype=dtype)
     if getattr(args, "weights", None):
         load_weights(model, args.weights)
     if getattr(args, "random_indexer", False):
@@ -156,6 +161,7 @@ def add_common_args(p: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the result here (it is printed too)")
+    add_placement_args(p)
 
 
 __all__ = ["DEFAULT_TEXT", "load_eval_model", "base_settings", "load_weights", "prepare_model", "write_json",

@@ -89,9 +89,10 @@ def eval_items(model: nn.Module, items: list[Item], *, mode: str, k: int | None,
     """Exact-match accuracy of ``model`` on ``items`` -> the ``results`` dict."""
     t0 = time.perf_counter()
     per_item = []
+    device = next(model.parameters()).device
     for it in tqdm(items, disable=not progress, desc=f"passkey {mode}", unit="item"):
-        ids = torch.tensor(it.ids[:-1]).unsqueeze(0)
-        target = torch.tensor(it.ids[-it.answer_len :])
+        ids = torch.tensor(it.ids[:-1], device=device).unsqueeze(0)
+        target = torch.tensor(it.ids[-it.answer_len :], device=device)
         with mode_context(mode, sparse_impl):
             out = model.forward(ids, return_hidden=True, compute_logits=False, **forward_kwargs(mode, k))
         logits = model.logits_from_hidden(out.hidden[:, -it.answer_len :])[0]  # predicts the answer tokens

@@ -72,8 +72,9 @@ def eval_ppl(
     n = n_far = 0
     recalls, kls, per_seq = [], [], []
     t0 = time.perf_counter()
+    device = next(model.parameters()).device
     for s in tqdm(starts, disable=not progress, desc=f"ppl {mode}", unit="seq"):
-        row = torch.from_numpy(stream[s : s + context + 1].astype(np.int64)).unsqueeze(0)
+        row = torch.from_numpy(stream[s : s + context + 1].astype(np.int64)).unsqueeze(0).to(device)
         ids, labels = row[:, :-1], row[:, 1:]
         want_aux = recall and mode != "dense"
         with mode_context(mode, sparse_impl):

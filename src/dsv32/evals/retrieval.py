@@ -39,13 +39,14 @@ from dsv32.evals.needles import (
     make_items,
 )
 from dsv32.ops.reference import causal_mask
+from dsv32.registry import add_placement_args
 
 
 def needle_layers(auxes: list[Any], item: NeedleItem, rows: torch.Tensor) -> dict[str, list[float | None]]:
     """Per layer, at the answer-predicting ``rows``: the share of the asked needles' tokens inside the attended
     selection (1 where the layer ran dense: every key was attended to) and the largest per-head dense attention
     mass on them."""
-    needle = torch.tensor(item.needle_positions)
+    needle = torch.tensor(item.needle_positions, device=rows.device)
     recall: list[float | None] = []
     mass: list[float] = []
     for aux in auxes:
@@ -67,10 +68,11 @@ def score_items(model: nn.Module, items: list[NeedleItem], *, mode: str, k: int 
     """Exact-match accuracy of ``model`` on ``items`` (one task, one context) -> a results dict."""
     t0 = time.perf_counter()
     per_item = []
+    device = next(model.parameters()).device
     for it in tqdm(items, disable=not progress, desc=f"{items[0].task if items else ''} {mode}", unit="item"):
-        ids = torch.tensor(it.ids[:-1]).unsqueeze(0)
+        ids = torch.tensor(it.ids[:-1], device=device).unsqueeze(0)
         S = ids.shape[1]
-        target = torch.tensor(it.ids[-it.answer_len :])
+        target = torch.tensor(it.ids[-it.answer_len :], device=device)
         with mode_context(mode, sparse_impl):
             out = model.forward(ids, return_hidden=True, compute_logits=False, return_indexer=needle_recall,
                                 **forward_kwargs(mode, k))
@@ -83,7 +85,7 @@ def score_items(model: nn.Module, items: list[NeedleItem], *, mode: str, k: int 
             "needle_in_window": reach is not None and all(a >= reach for a, _ in it.spans),
         }
         if needle_recall:
-            rows = torch.arange(S - it.answer_len, S)
+            rows = torch.arange(S - it.answer_len, S, device=device)
             layers = needle_layers(out.indexer, it, rows)
             if mode == "dense":  # no selection to speak of
                 layers["needle_recall_layers"] = [None] * len(layers["needle_recall_layers"])
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random-indexer seed only; the items use RETRIEVAL_SEED")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the result here (it is printed too)")
+    add_placement_args(p)
     return p
 
 

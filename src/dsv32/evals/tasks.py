@@ -30,7 +30,7 @@ from torch import nn
 import dsv32
 from dsv32.engine import Engine, SamplingParams
 from dsv32.evals.common import load_weights, pass_at_k, write_json
-from dsv32.registry import load_model
+from dsv32.registry import add_placement_args, load_model, placement_from_args
 from dsv32.rl.rollout import completion_seed
 from dsv32.rl.tasks import ChatCodec, Item, Task, get_task, parse_task_config
 from dsv32.tokenizer import load_tokenizer
@@ -122,17 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--per-item", action="store_true", help="include every item's greedy completion in the JSON")
     p.add_argument("--json", type=Path, help="write the result here (it is printed too)")
+    add_placement_args(p)
     return p
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    device, dtype = placement_from_args(parser, args)
     if args.num < 1 or args.samples < 0 or args.max_new_tokens < 1 or (args.samples and args.temperature <= 0):
         raise SystemExit("dsv32 eval tasks: need --num >= 1, --samples >= 0, --max-new-tokens >= 1 and "
                          "--temperature > 0 with --samples")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, seed=args.seed)
+    model = load_model(args.model, seed=args.seed, device=device, dtype=dtype)
     if args.weights:
         load_weights(model, args.weights)
     tok = load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)

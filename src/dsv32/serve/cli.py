@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from dsv32 import chat
 from dsv32.engine import Engine
-from dsv32.registry import load_model
+from dsv32.registry import add_placement_args, load_model, placement_from_args
 from dsv32.serve.app import create_app, is_loopback_host
 from dsv32.serve.protocol import MAX_BODY_BYTES
 from dsv32.tokenizer import load_tokenizer
@@ -115,13 +115,15 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight requests get at SIGTERM")
     p.add_argument("--no-web", action="store_true", help="do not serve the chat page at /")
     p.add_argument("--log-level", default="info")
+    add_placement_args(p)
     args = p.parse_args(argv)
+    device, dtype = placement_from_args(p, args)
 
     warning = exposure_warning(args.host, args.api_key)
     if warning:
         print(f"dsv32 serve: {warning}", file=sys.stderr, flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    model = load_model(args.model).eval()
+    model = load_model(args.model, device=device, dtype=dtype).eval()
     tokenizer = load_tokenizer(args.model)
     family = detect_family(tokenizer) if args.chat_format == "auto" else args.chat_format
     name = args.model_name or Path(str(args.model).rstrip("/")).name or str(args.model)

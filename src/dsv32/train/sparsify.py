@@ -47,9 +47,12 @@ from dsv32.evals.needles import EVAL_SOURCE, check_training_texts
 from dsv32.registry import (
     INDEXER_DIR,
     INDEXER_FILE,
+    add_placement_args,
     indexer_metadata,
     indexer_params,
+    placement_from_args,
     read_indexer_file,
+    resolve_placement,
     save_indexer,
     write_indexer_file,
 )
@@ -225,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True,
                    help="HF-format V3.2 directory, a .gguf file, 'smollm2-135m' (GGUF), or 'preset:NAME' (random)")
+    add_placement_args(g, dtype_default="float32",
+                       dtype_help="weights (float32 by default: AdamW's small updates vanish in bf16 weights)")
     g.add_argument("--indexer", type=Path, help="start from these indexer weights (e.g. stage 1's indexer.safetensors)")
     g.add_argument("--topk", type=int, help="k (default: the model's index_topk)")
     g.add_argument("--index-heads", type=int, help="Llama family: indexer heads of the retrofitted indexer")
@@ -276,9 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    """(model, tokenizer or None) from ``--model``; indexers from ``--indexer`` if given."""
+    """(model, tokenizer or None) from ``--model`` on ``--device`` in ``--dtype``; indexers from ``--indexer``."""
+    device, dtype = resolve_placement(getattr(args, "device", "cpu"), getattr(args, "dtype", "float32"))
     model, tok = load_eval_model(args.model, dsa=True, topk=args.topk, index_heads=args.index_heads,
-                                 seed=args.seed, indexer=args.indexer)
+                                 seed=args.seed, indexer=args.indexer, device=device, dtype=dtype)
     return model, tok
 
 
@@ -406,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr_at(i, lr=base, min_lr=base / 10, warmup=args.warmup, max_steps=args.max_steps)
-            batch = get_batch(i)
+            batch = get_batch(i).to(next(model.parameters()).device)
             opt.zero_grad(set_to_none=True)
             rows = sample_rows(args.seq_len, topk, args.kl_rows, seed=args.seed, step=i)
             if args.stage == 1:
@@ -501,7 +507,9 @@ def cli_main(argv: list[str]) -> int:
             return 2
         print(ship_indexers(argv[1], argv[2] if len(argv) > 2 else INDEXER_DIR))
         return 0
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    placement_from_args(parser, args)  # an unusable --device / --dtype fails here, before the run starts
     if args.max_steps < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise SystemExit("dsv32 sparsify: --max-steps and --batch-size must be >= 1, --seq-len >= 2")
     return run(args)
