@@ -15,8 +15,9 @@ how many keys are >= each), then one pass gathers every position above that thre
 ties, in position order (ties go to the lower position, as the reference's stable sort). Only the k picks are
 then sorted, for the canonical (score desc, position asc) order. Work per row: (32 / radix_bits + 2) reads of
 the row, no sort of it. Few rows (decode) are cut into segments, one program each, so that rows x segments
-reaches ``topk_min_programs``: then each pass is a launch whose programs add their counts atomically, and a
-tally and exclusive sums give each segment its first output slot and its share of the ties.
+reaches ``topk_min_programs``: then each pass is a launch whose programs add their counts atomically (and rebuild
+the threshold so far from the earlier passes' counts), and a tally and exclusive sums give each segment its
+first output slot and its share of the ties.
 
 Tile sizes are constexpr from an ``IndexerConfig`` (the default, or the caller's), never from input sizes; offsets
 are int64. Nothing here has been timed on a GPU.
@@ -232,19 +233,35 @@ def _topk_select_kernel(
 
 
 @triton.jit
+def _prefix_after(COUNTS, r, kk, n_passes, stride_cp, stride_cr, RB: tl.constexpr):
+    """The threshold's top RB * n_passes bits (offset form, int64) from the counts of the passes done: each pass's
+    digit is the largest candidate with at least kk keys >= it. Every program recomputes it (a few loads) instead
+    of a launch or a host step between passes."""
+    NB: tl.constexpr = 1 << RB
+    prefix = tl.zeros([1], tl.int64)
+    for j in range(n_passes):
+        c = tl.load(COUNTS + j * stride_cp + r * stride_cr + tl.arange(0, NB))
+        digit = tl.sum((c >= kk).to(tl.int64), axis=0) - 1  # candidate 0 (the prefix) always qualifies
+        prefix += digit << (32 - RB * (j + 1))
+    return prefix
+
+
+@triton.jit
 def _radix_count_kernel(
-    SC, KK, PREFIX, COUNTS,  # scores [R,T], k per row [R] int32, prefix [R] int64 (offset form), counts [R,NB] int32
-    T, seg_len, shift, stride_sr, stride_cr,
+    SC, KK, COUNTS,  # scores [R,T], k per row [R] int32, counts of every pass [passes,R,NB] int32 (zeroed)
+    T, seg_len, pass_no, stride_sr, stride_cp, stride_cr,
     BT: tl.constexpr, RB: tl.constexpr,
 ):
-    """One radix pass over one segment of a row: how many keys are >= each of the 2^RB candidate prefixes."""
+    """Pass ``pass_no`` over one segment of a row: how many keys are >= each of the 2^RB candidate prefixes."""
     r = tl.program_id(0).to(tl.int64)
     kk = tl.load(KK + r)
     NB: tl.constexpr = 1 << RB
     if kk > 0:
         row = SC + r * stride_sr
         digits = tl.arange(0, NB).to(tl.int64)
-        cand = (tl.load(PREFIX + r) + (digits << shift) - 2147483648).to(tl.int32)  # [NB] as signed keys
+        prefix = _prefix_after(COUNTS, r, kk, pass_no, stride_cp, stride_cr, RB)
+        shift = 32 - RB * (pass_no + 1)
+        cand = (prefix + (digits << shift) - 2147483648).to(tl.int32)  # [NB] as signed keys
         t_lo = tl.program_id(1).to(tl.int64) * seg_len
         t_hi = tl.minimum(t_lo + seg_len, T)
         counts = tl.zeros([NB], tl.int32)
@@ -253,21 +270,21 @@ def _radix_count_kernel(
             ok = offs < t_hi
             key = _order_key(tl.load(row + offs, mask=ok, other=float("-inf")))
             counts += tl.sum(((key[None, :] >= cand[:, None]) & ok[None, :]).to(tl.int32), axis=1)
-        tl.atomic_add(COUNTS + r * stride_cr + tl.arange(0, NB), counts, sem="relaxed")
+        tl.atomic_add(COUNTS + pass_no * stride_cp + r * stride_cr + tl.arange(0, NB), counts, sem="relaxed")
 
 
 @triton.jit
 def _segment_tally_kernel(
-    SC, KK, PREFIX, NGT, NEQ,  # ..., keys above / equal to the threshold per segment: [R,P] int32 each
-    T, seg_len, stride_sr, stride_nr,
-    BT: tl.constexpr,
+    SC, KK, COUNTS, NGT, NEQ,  # ..., keys above / equal to the threshold per segment: [R,P] int32 each
+    T, seg_len, stride_sr, stride_cp, stride_cr, stride_nr,
+    BT: tl.constexpr, RB: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     kk = tl.load(KK + r)
     if kk > 0:
         row = SC + r * stride_sr
-        thr = (tl.load(PREFIX + r) - 2147483648).to(tl.int32)
+        thr = (_prefix_after(COUNTS, r, kk, 32 // RB, stride_cp, stride_cr, RB) - 2147483648).to(tl.int32)
         t_lo = seg.to(tl.int64) * seg_len
         t_hi = tl.minimum(t_lo + seg_len, T)
         n_gt = tl.zeros([BT], tl.int32)
@@ -284,16 +301,16 @@ def _segment_tally_kernel(
 
 @triton.jit
 def _segment_gather_kernel(
-    SC, KK, PREFIX, OUT_BASE, EQ_BASE, NEED_EQ, OUT,  # per segment: first output slot, ties before it [R,P];
-    T, seg_len, stride_sr, stride_nr, stride_or,  # ties to take per row [R]; out [R,topk] int32
-    BT: tl.constexpr,
+    SC, KK, COUNTS, OUT_BASE, EQ_BASE, NEED_EQ, OUT,  # per segment: first output slot, ties before it [R,P];
+    T, seg_len, stride_sr, stride_cp, stride_cr, stride_nr, stride_or,  # ties to take per row [R]; out [R,topk]
+    BT: tl.constexpr, RB: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     kk = tl.load(KK + r)
     if kk > 0:
         row = SC + r * stride_sr
-        thr = (tl.load(PREFIX + r) - 2147483648).to(tl.int32)
+        thr = (_prefix_after(COUNTS, r, kk, 32 // RB, stride_cp, stride_cr, RB) - 2147483648).to(tl.int32)
         need_eq = tl.load(NEED_EQ + r)
         base = tl.load(OUT_BASE + r * stride_nr + seg)
         eq_base = tl.load(EQ_BASE + r * stride_nr + seg)
@@ -313,34 +330,31 @@ def _segment_gather_kernel(
 
 
 def _topk_segmented(sc: torch.Tensor, kk: torch.Tensor, out: torch.Tensor, P: int, cfg: IndexerConfig) -> None:
-    """The radix select with each row cut into P segments: one launch per pass (counts merged by atomics, the
-    prefix advanced by torch on device, no host sync), then a tally of each segment's keys above / at the
-    threshold, exclusive sums for every segment's first output slot, and a gather."""
+    """The radix select with each row cut into P segments: one launch per pass (segments add their counts
+    atomically; each program rebuilds the threshold so far from the earlier passes' counts, so nothing runs
+    between launches and nothing waits on the host), then a tally of each segment's keys above / at the
+    threshold, exclusive sums for every segment's first output slot and share of the ties, and a gather."""
     R, T = sc.shape
-    NB = 1 << cfg.radix_bits
+    n_pass = 32 // cfg.radix_bits
     seg_len = triton.cdiv(triton.cdiv(T, P), cfg.topk_block) * cfg.topk_block
     P = triton.cdiv(T, seg_len)
     grid = (R, P)
-    prefix = torch.zeros(R, dtype=torch.int64, device=sc.device)  # the threshold so far, offset form
-    counts = torch.empty(R, NB, dtype=torch.int32, device=sc.device)
-    for p in range(32 // cfg.radix_bits):
-        shift = 32 - cfg.radix_bits * (p + 1)
-        counts.zero_()
-        _radix_count_kernel[grid](sc, kk, prefix, counts, T, seg_len, shift, sc.stride(0), counts.stride(0),
+    counts = torch.zeros(n_pass, R, 1 << cfg.radix_bits, dtype=torch.int32, device=sc.device)
+    for p in range(n_pass):
+        _radix_count_kernel[grid](sc, kk, counts, T, seg_len, p, sc.stride(0), counts.stride(0), counts.stride(1),
                                   BT=cfg.topk_block, RB=cfg.radix_bits, num_warps=cfg.topk_warps)
-        digit = (counts >= kk.unsqueeze(1)).sum(1) - 1  # candidate 0 (the prefix) always qualifies
-        prefix += digit.clamp_min(0).to(torch.int64) << shift
     n_gt = torch.zeros(R, P, dtype=torch.int32, device=sc.device)
     n_eq = torch.zeros(R, P, dtype=torch.int32, device=sc.device)
-    _segment_tally_kernel[grid](sc, kk, prefix, n_gt, n_eq, T, seg_len, sc.stride(0), n_gt.stride(0),
-                                BT=cfg.topk_block, num_warps=cfg.topk_warps)
+    _segment_tally_kernel[grid](sc, kk, counts, n_gt, n_eq, T, seg_len, sc.stride(0), counts.stride(0),
+                                counts.stride(1), n_gt.stride(0), BT=cfg.topk_block, RB=cfg.radix_bits,
+                                num_warps=cfg.topk_warps)
     need_eq = kk - n_gt.sum(1, dtype=torch.int32)  # [R] ties taken, lowest positions first
     eq_before = n_eq.cumsum(1, dtype=torch.int32) - n_eq  # [R,P] ties in earlier segments
     taken = n_gt + (need_eq.unsqueeze(1) - eq_before).clamp(min=0).minimum(n_eq)  # [R,P] picks per segment
     out_base = (taken.cumsum(1, dtype=torch.int32) - taken).contiguous()
-    _segment_gather_kernel[grid](sc, kk, prefix, out_base, eq_before.contiguous(), need_eq.contiguous(), out,
-                                 T, seg_len, sc.stride(0), out_base.stride(0), out.stride(0),
-                                 BT=cfg.topk_block, num_warps=cfg.topk_warps)
+    _segment_gather_kernel[grid](sc, kk, counts, out_base, eq_before.contiguous(), need_eq.contiguous(), out,
+                                 T, seg_len, sc.stride(0), counts.stride(0), counts.stride(1), out_base.stride(0),
+                                 out.stride(0), BT=cfg.topk_block, RB=cfg.radix_bits, num_warps=cfg.topk_warps)
 
 
 def topk_select(

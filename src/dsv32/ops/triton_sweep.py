@@ -272,14 +272,14 @@ def compile_report(sh: Shapes = FULL, *, kernels: tuple[str, ...] = tuple(SWEEP)
         jobs.append(("topk", c, indexer._topk_select_kernel, dict(SC=f32, KK="*i32", OUT="*i32"),
                      dict(BT=c.topk_block, RB=c.radix_bits), c.topk_warps, 1))
         jobs.append(("topk_seg_count", c, indexer._radix_count_kernel,
-                     dict(SC=f32, KK="*i32", PREFIX="*i64", COUNTS="*i32"),
-                     dict(BT=c.topk_block, RB=c.radix_bits), c.topk_warps, 1))
-        jobs.append(("topk_seg_tally", c, indexer._segment_tally_kernel,
-                     dict(SC=f32, KK="*i32", PREFIX="*i64", NGT="*i32", NEQ="*i32"), dict(BT=c.topk_block),
+                     dict(SC=f32, KK="*i32", COUNTS="*i32"), dict(BT=c.topk_block, RB=c.radix_bits),
                      c.topk_warps, 1))
+        jobs.append(("topk_seg_tally", c, indexer._segment_tally_kernel,
+                     dict(SC=f32, KK="*i32", COUNTS="*i32", NGT="*i32", NEQ="*i32"),
+                     dict(BT=c.topk_block, RB=c.radix_bits), c.topk_warps, 1))
         jobs.append(("topk_seg_gather", c, indexer._segment_gather_kernel,
-                     dict(SC=f32, KK="*i32", PREFIX="*i64", OUT_BASE="*i32", EQ_BASE="*i32", NEED_EQ="*i32",
-                          OUT="*i32"), dict(BT=c.topk_block), c.topk_warps, 1))
+                     dict(SC=f32, KK="*i32", COUNTS="*i32", OUT_BASE="*i32", EQ_BASE="*i32", NEED_EQ="*i32",
+                          OUT="*i32"), dict(BT=c.topk_block, RB=c.radix_bits), c.topk_warps, 1))
     for c in configs["dense_decode"] if "dense_decode" in kernels else []:
         jobs.append(("dense_decode", c, dense._dense_mla_split_kernel,
                      dict(Q=bf, KV=bf, POS="*i64", PO=f32, PL=f32, qk_scale="fp32"),
