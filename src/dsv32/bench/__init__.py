@@ -1,5 +1,5 @@
 """`dsv32 bench <name>`: benchmarks, one module each (cost: the paper's Figure 3; peers: whole-model long context
-vs HF; train; serve; weights: the CPU weight formats).
+vs HF; train; serve; kernels; grammar; weights: the CPU weight formats; rl-gain: SFT then GRPO).
 
 Subcommands are imported lazily, so a benchmark whose module or optional dependency is missing only affects
 itself.
@@ -19,6 +19,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "kernels": ("dsv32.bench.kernels:main", "achieved TFLOP/s and TB/s of each DSA kernel and dense baseline (JSON)"),
     "grammar": ("dsv32.bench.grammar:main", "structured output: schema validity and overhead at N streams"),
     "weights": ("dsv32.bench.weights:main", "CPU weight formats (packed, fp16, int8): stream rate, perplexity, decode"),
+    "rl-gain": ("dsv32.bench.rl_gain:main", "SFT then dsv32 rl on a small DSA + MoE model: held-out accuracy gain"),
 }
 
 
