@@ -13,7 +13,7 @@ def test_rl_gain_stages_end_to_end(tmp_path):
     out = tmp_path / "run"
     argv = ["--out", str(out), "--terms", "2", "--hidden", "32", "--layers", "2", "--sft-examples", "16",
             "--eval-items", "8", "--sft-max-steps", "4", "--eval-every", "2", "--patience", "5", "--rl-pool", "16",
-            "--rl-steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--save-every", "1",
+            "--rl-steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--save-every", "1",
             "--report-samples", "2"]
     assert rl_gain.main(argv) == 0
 
@@ -35,7 +35,21 @@ def test_rl_gain_stages_end_to_end(tmp_path):
         assert 0.0 <= r["greedy_accuracy"] <= 1.0 and "pass@2" in r
     assert res["rl_steps"] == 2 and set(res["rl_step_split_median"]) >= {"t_rollout", "t_reference", "t_train"}
     table = (out / "table.md").read_text()
-    assert "| RL |" in table and "8 held-out" in table
+    assert "| RL |" in table and "8 items" in table and "validation (8 items" in table
     rl_curve = [json.loads(x) for x in (out / "rl_curve.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rl_curve] == [0, 1, 2]
+    assert [r["step"] for r in rl_curve] == [0, 1, 2] and all("test_accuracy" in r for r in rl_curve)
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the four-measure ablation from the same SFT checkpoint: one arm per switch, one step each here
+    assert rl_gain.main([*argv, "--stage", "ablation", "--abl-steps", "1"]) == 0
+    arms = json.loads((out / "ablation.json").read_text())["arms"]
+    assert list(arms) == list(rl_gain.ABLATION_ARMS)
+    for arm in arms:
+        saved = json.loads((out / "abl" / arm / "rl_args.json").read_text())
+        assert (saved["minibatches"], saved["top_p"], saved["beta"], saved["max_steps"]) == (8, 0.9, 0.02, 1)
+        switched = {"no-unbiased-kl": "unbiased_kl", "no-opsm": "opsm", "no-keep-routing": "keep_routing",
+                    "no-keep-sampling-mask": "keep_sampling_mask"}
+        for a, key in switched.items():
+            assert saved[key] is (a != arm), (arm, key)
+    assert len((out / "ablation.md").read_text().splitlines()) == 2 + len(arms)
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"

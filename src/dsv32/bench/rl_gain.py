@@ -225,6 +225,7 @@ def stage_report(args: argparse.Namespace, log) -> None:
     tok = load_tokenizer(out / "tok")
     t = task(args.terms)
     test = t.items("heldout", args.eval_items, seed=0)
+    valid = validation_items(args)
     rows = {}
     torch.manual_seed(args.seed)
     base = Transformer(model_config(args.hidden, args.layers)).eval()
@@ -234,18 +235,21 @@ def stage_report(args: argparse.Namespace, log) -> None:
         r = evaluate(m, ChatCodec.for_tokenizer(tok), t, test, samples=args.report_samples,
                      max_new_tokens=MAX_NEW_TOKENS, threads=args.threads,
                      slots=len(test) * max(1, args.report_samples))["results"]
+        r["valid_greedy_accuracy"] = greedy_eval(m, tok, valid, args)["results"]["greedy_accuracy"]
         rows[name] = r
-        log(f"report: {name}: greedy {r['greedy_accuracy']:.3f}")
+        log(f"report: {name}: greedy {r['greedy_accuracy']:.3f} (validation {r['valid_greedy_accuracy']:.3f})")
     metrics = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     split = {k: statistics.median(m[k] for m in metrics) for k in ("seconds", "t_rollout", "t_score", "t_reference",
                                                                   "t_train")}
     sft = json.loads((out / "sft_summary.json").read_text())
     k = args.report_samples
-    lines = [f"| model | greedy accuracy ({len(test)} held-out) | no answer | pass@{k} (T=1) |",
-             "| --- | --- | --- | --- |"]
+    n_q = len({it.question for it in test})
+    lines = [f"| model | greedy accuracy, held-out test ({len(test)} items, {n_q} distinct questions) | no answer | "
+             f"pass@{k} (T=1) | greedy accuracy, validation ({len(valid)} items: RL's questions, never labelled) |",
+             "| --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['greedy_accuracy']:.3f} | {r['greedy_no_answer']:.3f} | "
-                     f"{r.get(f'pass@{k}', 0):.3f} |")
+                     f"{r.get(f'pass@{k}', 0):.3f} | {r['valid_greedy_accuracy']:.3f} |")
     lines += ["", f"SFT: best validation accuracy {sft['best_valid_accuracy']:.3f} at step {sft['best_step']}, "
               f"{sft['seconds']:.0f} s; RL: {len(metrics)} steps, {sum(m['seconds'] for m in metrics):.0f} s",
               "", "median seconds per RL step: " + ", ".join(f"{k2} {v:.2f}" for k2, v in split.items())]
@@ -258,17 +262,108 @@ def stage_report(args: argparse.Namespace, log) -> None:
     print("\n".join(lines))
 
 
-def rl_validation_curve(args: argparse.Namespace, tok: Tokenizer) -> list[dict[str, Any]]:
-    """Greedy validation accuracy (the SFT curve's items) of every RL checkpoint (``--keep 0`` keeps them all)."""
+#: The four-measure ablation (``--stage ablation``): one arm with every measure on, then one arm per measure
+#: switched off, all from ``OUT/sft`` with the same seed and budget. Off-policy on purpose: 8 optimiser steps
+#: per rollout batch, so that later mini-batches see pi_theta != pi_old; top-p 0.9 so that the kept sets
+#: differ from the full vocabulary; beta > 0 so that the KL estimator enters the loss.
+ABLATION_ARMS = {"all": [], "no-unbiased-kl": ["--no-unbiased-kl"], "no-opsm": ["--no-opsm"],
+                 "no-keep-routing": ["--no-keep-routing"], "no-keep-sampling-mask": ["--no-keep-sampling-mask"]}
+ABLATION_SETTINGS = ["--minibatches", "8", "--top-p", "0.9", "--beta", "0.02", "--delta", "0.1"]
+
+
+def ablation_argv(args: argparse.Namespace, arm: str) -> list[str]:
+    """``rl_argv`` with the ablation's settings, ``--abl-steps`` steps, its own output and the arm's switch."""
+    argv = rl_argv(args)
+
+    def put(flag: str, value: str) -> None:
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv.extend([flag, value])
+
+    for flag, value in zip(ABLATION_SETTINGS[::2], ABLATION_SETTINGS[1::2]):
+        put(flag, value)
+    put("--max-steps", str(args.abl_steps))
+    put("--save-every", str(args.abl_steps))
+    put("--keep", "1")
+    put("--out", str(args.out / "abl" / arm))
+    return argv + ABLATION_ARMS[arm]
+
+
+def stage_ablation(args: argparse.Namespace, log) -> None:
+    """Run every arm not yet finished, then ``OUT/ablation.md`` (means over the last 30 steps and each arm's
+    final greedy accuracy) and ``OUT/ablation.png`` (reward, KL, mismatch, masked share side by side)."""
+    out: Path = args.out
+    for arm in ABLATION_ARMS:
+        if not (out / "abl" / arm / "final" / "config.json").exists():
+            argv = ablation_argv(args, arm)
+            log(f"ablation {arm}: dsv32 rl " + shlex.join(argv))
+            rl_cli.cli_main(argv)
+    tok = load_tokenizer(out / "tok")
     valid = validation_items(args)
+    test = task(args.terms).items("heldout", args.eval_items, seed=0)
+    runs = {arm: [json.loads(x) for x in (out / "abl" / arm / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            for arm in ABLATION_ARMS}
+    keys = ("reward_mean", "accuracy", "kl", "mismatch_kl", "masked_frac", "clip_frac", "route_flip_rate")
+    lines = ["| arm | " + " | ".join(f"{k} (last 30 steps)" for k in keys) + " | greedy accuracy, validation | "
+             "greedy accuracy, held-out test |", "|" + " --- |" * (len(keys) + 3)]
+    results = {}
+    for arm, m in runs.items():
+        tail = m[-30:]
+        means = {k: statistics.mean(x[k] for x in tail) if all(x.get(k) is not None for x in tail) else None
+                 for k in keys}
+        model = load_model(out / "abl" / arm / "final")
+        means["valid_accuracy"] = greedy_eval(model, tok, valid, args)["results"]["greedy_accuracy"]
+        means["test_accuracy"] = greedy_eval(model, tok, test, args)["results"]["greedy_accuracy"]
+        results[arm] = means
+        cells = ["n/a" if means[k] is None else f"{means[k]:.4f}" for k in keys]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {means['valid_accuracy']:.3f} | "
+                     f"{means['test_accuracy']:.3f} |")
+        log(f"ablation {arm}: " + ", ".join(f"{k} {v}" for k, v in means.items()))
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    (out / "ablation.json").write_text(json.dumps({"settings": ABLATION_SETTINGS, "steps": args.abl_steps,
+                                                   "arms": results}, indent=2) + "\n")
+    plot_ablation(out, runs)
+    print("\n".join(lines))
+
+
+def plot_ablation(out: Path, runs: dict[str, list[dict[str, Any]]]) -> None:
+    import matplotlib  # deliberately lazy: plotting only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("reward_mean", "reward (10-step mean)"), ("kl", "KL to the reference"),
+              ("mismatch_kl", "mismatch: mean logp_old - logp, first mini-batch"),
+              ("masked_frac", "OPSM: share masked"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4))
+    for ax, (key, title) in zip(axes, panels):
+        for arm, m in runs.items():
+            ys = [x[key] if x[key] is not None else float("nan") for x in m]
+            ys = [statistics.mean(ys[max(0, i - 9): i + 1]) for i in range(len(ys))]  # 10-step running mean
+            ax.plot([x["step"] for x in m], ys, label=arm)
+        ax.set(title=title, xlabel="RL step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=100)
+
+
+def rl_validation_curve(args: argparse.Namespace, tok: Tokenizer) -> list[dict[str, Any]]:
+    """Greedy accuracy of every RL checkpoint (``--keep 0`` keeps them all) on the validation items (questions
+    RL samples from, without labels) and on the held-out test items (questions no stage sees)."""
+    valid = validation_items(args)
+    test = task(args.terms).items("heldout", args.eval_items, seed=0)
     model = load_model(args.out / "sft")
-    curve = [{"step": 0, "valid_accuracy": greedy_eval(model, tok, valid, args)["results"]["greedy_accuracy"]}]
+
+    def point(step: int) -> dict[str, Any]:
+        return {"step": step, "valid_accuracy": greedy_eval(model, tok, valid, args)["results"]["greedy_accuracy"],
+                "test_accuracy": greedy_eval(model, tok, test, args)["results"]["greedy_accuracy"]}
+
+    curve = [point(0)]
     for path in sorted(ckpt.list_checkpoints(args.out / "rl" / "ckpt"), key=lambda p: p.name):
         parts = ckpt.load_parts(path)
         model.load_state_dict(parts["model"])
-        step = int(parts[RUN_PART]["step"])
-        curve.append({"step": step, "valid_accuracy": greedy_eval(model, tok, valid, args)["results"][
-            "greedy_accuracy"]})
+        curve.append(point(int(parts[RUN_PART]["step"])))
     return sorted(curve, key=lambda r: r["step"])
 
 
@@ -289,9 +384,11 @@ def plot(out: Path, metrics: list[dict[str, Any]], rl_curve: list[dict[str, Any]
     ax[1].plot(steps, smooth, label=f"rollout accuracy ({w}-step mean)")
     ax[1].plot(steps, [m["reward_mean"] for m in metrics], alpha=0.5, label="reward mean")
     ax[1].plot([r["step"] for r in rl_curve], [r["valid_accuracy"] for r in rl_curve], marker="o",
-               label="greedy accuracy, validation items")
+               label="greedy accuracy, validation items (RL sees the questions)")
+    ax[1].plot([r["step"] for r in rl_curve], [r["test_accuracy"] for r in rl_curve], marker="s",
+               label="greedy accuracy, held-out test items")
     ax[1].set(title="dsv32 rl (GRPO) from the SFT checkpoint", xlabel="RL step")
-    ax[1].legend()
+    ax[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
 
@@ -303,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv32 bench rl-gain", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/rl_gain"))
-    p.add_argument("--stage", choices=("all", "data", "sft", "rl", "report"), default="all")
+    p.add_argument("--stage", choices=("all", "data", "sft", "rl", "report", "ablation"), default="all",
+                   help="all = data, sft, rl, report; ablation (after sft) runs the four-measure ablation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (on a loaded machine 1 beats 2)")
     p.add_argument("--terms", type=int, default=3, help="one-digit terms per chain_sum question")
@@ -323,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--minibatches", type=int, default=2)
     p.add_argument("--save-every", type=int, default=20)
+    p.add_argument("--abl-steps", type=int, default=150, help="RL steps per ablation arm")
     p.add_argument("--report-samples", type=int, default=4, help="sampled completions per test item for pass@k")
     return p
 
@@ -341,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stages = ("data", "sft", "rl", "report") if args.stage == "all" else (args.stage,)
     for s in stages:
-        {"data": stage_data, "sft": stage_sft, "rl": stage_rl, "report": stage_report}[s](args, log)
+        {"data": stage_data, "sft": stage_sft, "rl": stage_rl, "report": stage_report,
+         "ablation": stage_ablation}[s](args, log)
     return 0
 
 
