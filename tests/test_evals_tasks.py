@@ -42,6 +42,16 @@ def test_scripted_perfect_answer_scores_one(family: str):
     assert both["greedy_accuracy"] == 0.5 and both["pass@2"] == 0.5 and both["greedy_no_answer"] == 0.0
 
 
+def test_more_items_than_the_engine_queue():
+    """200 held-out items (the issue's size) through 2 slots: everything is queued at once, none refused."""
+    tok = byte_tokenizer("chatml")
+    task = get_task("chain_sum")
+    items = task.items("heldout", 200, seed=0)
+    model = scripted(tok, f"<answer>{items[0].answer}</answer>")
+    r = evaluate(model, ChatCodec.for_tokenizer(tok), task, items, samples=1, max_new_tokens=2, slots=2)["results"]
+    assert r["greedy_completion_len"] == 2.0 and r["greedy_no_answer"] == 1.0 and r["pass@1"] == 0.0
+
+
 def test_cli_on_tiny_preset(tmp_path: Path):
     byte_tokenizer().save(tmp_path / "tok")
     out = tmp_path / "eval.json"

@@ -70,7 +70,9 @@ def evaluate(
     """Greedy accuracy (and, with ``samples`` > 0, pass@k over that many samples) of ``model`` on ``items``."""
     prompts = [codec.prompt(it.prompt) for it in items]
     max_len = max(len(p) for p in prompts) + max_new_tokens + 1
-    engine = Engine(model, max_slots=slots, max_len=max_len, num_threads=threads)
+    # every request is queued at once (``complete`` submits, then waits): room for all of them in the queue
+    engine = Engine(model, max_slots=slots, max_len=max_len, num_threads=threads,
+                    max_waiting=len(prompts) * max(1, samples))
     stop = tuple(codec.stop_ids)
     try:
         t0 = time.perf_counter()
