@@ -4,7 +4,7 @@ A small DSA + MoE ``Transformer`` (``model_config``) learns the answer format by
 it with GRPO on a verifiable arithmetic task; greedy accuracy on held-out items is measured before SFT (random
 weights), at the SFT plateau and after RL.
 
-The task is reasoning-gym's ``chain_sum`` at ``task_config`` (``--terms`` one-digit terms, 3 by default, joined
+The task is reasoning-gym's ``chain_sum`` at ``task_config`` (``--terms`` one-digit terms, 2 by default, joined
 by ``+``/``-``,
 e.g. ``4 + 1 - 7 =``), through ``dsv32.rl.tasks`` (held-out questions hash-disjoint from training ones).
 
@@ -25,7 +25,8 @@ Stages (``--stage``; ``all`` runs them in order, each skipped when its output ex
 4. ``report``: test accuracy of base / SFT / RL -> ``OUT/table.md``, ``OUT/results.json``, ``OUT/curves.png``,
    and the RL step time split into rollout / reference / train.
 
-    python -m dsv32.bench.rl_gain --out /tmp/rlgain/run --threads 2
+    dsv32 bench rl-gain --out runs/rlgain                       # the defaults are the run in docs/rl.md
+    dsv32 bench rl-gain --out runs/rlgain --stage ablation      # after sft: the four-measure ablation
 """
 
 from __future__ import annotations
@@ -404,19 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all = data, sft, rl, report; ablation (after sft) runs the four-measure ablation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (on a loaded machine 1 beats 2)")
-    p.add_argument("--terms", type=int, default=3, help="one-digit terms per chain_sum question")
-    p.add_argument("--hidden", type=int, default=64, help="model width (the tiny preset: 64)")
-    p.add_argument("--layers", type=int, default=3, help="model depth (the tiny preset: 3)")
+    p.add_argument("--terms", type=int, default=2, help="one-digit terms per chain_sum question")
+    p.add_argument("--hidden", type=int, default=128, help="model width (the tiny preset: 64)")
+    p.add_argument("--layers", type=int, default=4, help="model depth (the tiny preset: 3)")
     p.add_argument("--eval-items", type=int, default=200, help="validation and test items each")
-    p.add_argument("--sft-examples", type=int, default=256, help="labelled training items SFT sees")
+    p.add_argument("--sft-examples", type=int, default=128, help="labelled training items SFT sees")
     p.add_argument("--sft-batch", type=int, default=16)
-    p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--sft-max-steps", type=int, default=800)
     p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--patience", type=int, default=5, help="evaluations without a new best before SFT stops")
+    p.add_argument("--patience", type=int, default=10, help="evaluations without a new best before SFT stops")
     p.add_argument("--rl-pool", type=int, default=2048, help="training questions (no labels) RL draws from")
-    p.add_argument("--rl-steps", type=int, default=400)
-    p.add_argument("--rl-lr", type=float, default=1e-3)
+    p.add_argument("--rl-steps", type=int, default=500)
+    p.add_argument("--rl-lr", type=float, default=1e-4, help="1e-3 (the SFT rate) collapses RL here (docs/rl.md)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--minibatches", type=int, default=2)
