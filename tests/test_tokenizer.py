@@ -186,6 +186,20 @@ def test_small_bpe_splits_digits(small: tuple[Tokenizer, Path, Path]) -> None:
     assert "".join(pieces) == "1234567" and all(len(p) <= 3 for p in pieces)
 
 
+def test_small_bpe_digit_group_one_keeps_every_digit_apart(tmp_path: Path) -> None:
+    # numbers repeated often enough that a 3-digit group would be merged into one id
+    text = tmp_path / "sums.txt"
+    text.write_text("".join(f"Calculate {a} + {b}. <answer>{a + b}</answer>\n" for a in range(40, 90) for b in (7, 77)))
+    per_digit = train_bpe([text], vocab_size=400, out=tmp_path / "one", digit_group=1)
+    grouped = train_bpe([text], vocab_size=400, out=tmp_path / "three")
+    pieces = [per_digit.decode([i]) for i in per_digit.encode("Calculate 47 + 77.")]
+    assert pieces[pieces.index(" ") + 1: pieces.index(" ") + 3] == ["4", "7"]
+    assert all(len(p) == 1 for p in pieces if p.strip().isdigit())
+    assert any(len(grouped.decode([i])) > 1 and grouped.decode([i]).isdigit() for i in grouped.encode("47 + 77"))
+    with pytest.raises(ValueError, match="digit_group"):
+        train_bpe([text], vocab_size=400, out=tmp_path / "zero", digit_group=0)
+
+
 def test_small_bpe_deterministic(small: tuple[Tokenizer, Path, Path], tmp_path: Path) -> None:
     _, text, out = small
     train_bpe([text], vocab_size=512, out=tmp_path)

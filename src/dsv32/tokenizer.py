@@ -287,9 +287,11 @@ def load_gguf_tokenizer(path_or_name: str | Path | None = None) -> Tokenizer:
 
 # ------------------------------------------------------------------------------------------ small BPE
 
-# Pre-tokenisation in V3.2's spirit: digits in groups of 1-3, runs of CJK script kept apart, then words
-# (optionally led by one non-letter such as a space), punctuation runs, newlines and other whitespace.
-_DIGITS = r"\p{N}{1,3}"
+# Pre-tokenisation in V3.2's spirit: digits in groups of 1-3 (``digit_group``), runs of CJK script kept apart,
+# then words (optionally led by one non-letter such as a space), punctuation runs, newlines and other whitespace.
+def _digits(group: int) -> str:
+    return rf"\p{{N}}{{1,{group}}}"
+
 _CJK = r"[\p{Han}\p{Hiragana}\p{Katakana}]+"
 _WORDS = (
     r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+"  # a word, with its leading space or sigil
@@ -300,11 +302,11 @@ _WORDS = (
 )
 
 
-def _small_backend() -> tokenizers.Tokenizer:
+def _small_backend(digit_group: int = 3) -> tokenizers.Tokenizer:
     tok = tokenizers.Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_DIGITS), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_digits(digit_group)), behavior="isolated"),
             pre_tokenizers.Split(Regex(_CJK), behavior="isolated"),
             pre_tokenizers.Split(Regex(_WORDS), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -314,8 +316,13 @@ def _small_backend() -> tokenizers.Tokenizer:
     return tok
 
 
-def train_bpe(files: list[Path], *, vocab_size: int = 8192, out: Path, show_progress: bool = False) -> Tokenizer:
+def train_bpe(
+    files: list[Path], *, vocab_size: int = 8192, out: Path, show_progress: bool = False, digit_group: int = 3
+) -> Tokenizer:
     """Train a byte-level BPE on text files and save it as `out/tokenizer.json` (+ `tokenizer_config.json`).
+
+    Numbers are cut into groups of at most ``digit_group`` digits before merging (V3.2: 3); 1 keeps every
+    digit its own token, which small arithmetic models learn from far more easily than opaque 2-3 digit ids.
 
     Ids 0..7 are `SMALL_SPECIAL_TOKENS` (BOS, EOS, pad, User, Assistant, think, /think, DSML), then the 256
     byte symbols, then merges. Files are read in sorted order and the trainer is deterministic, so the
@@ -331,7 +338,9 @@ def train_bpe(files: list[Path], *, vocab_size: int = 8192, out: Path, show_prog
     if vocab_size <= floor:
         raise ValueError(f"vocab_size {vocab_size} must exceed {floor} (special tokens + 256 bytes)")
 
-    backend = _small_backend()
+    if digit_group < 1:
+        raise ValueError(f"digit_group must be >= 1, got {digit_group}")
+    backend = _small_backend(digit_group)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,

@@ -56,10 +56,22 @@ from dsv32.train import checkpointing as ckpt
 from dsv32.train.run import RUN_PART
 from dsv32.train.trainer import Batch, Dist, Trainer
 
-TASK = "chain_sum"
-def task_config(terms: int = 3) -> dict[str, Any]:
-    """chain_sum with ``terms`` one-digit terms (``--terms``)."""
-    return {"min_terms": terms, "max_terms": terms, "min_digits": 1, "max_digits": 1}
+#: ``--task`` -> (dsv32.rl.tasks name, generator settings for ``terms`` terms of 1..``digits`` digits)
+TASKS = {
+    # reasoning-gym's chain_sum: "+" and "-" between the terms, results may be negative
+    "chain_sum": lambda terms, digits: ("chain_sum", {"min_terms": terms, "max_terms": terms, "min_digits": 1,
+                                                      "max_digits": digits}),
+    # basic_arithmetic restricted to "+" without negation or parentheses: "Calculate 47 + 8."
+    "addition": lambda terms, digits: ("basic_arithmetic", {"min_terms": terms, "max_terms": terms,
+                                                            "min_digits": 1, "max_digits": digits,
+                                                            "operators": ["+"], "allow_parentheses": False,
+                                                            "allow_negation": False}),
+}
+
+
+def task_spec(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(task name, generator settings) of ``--task`` at ``--terms`` and ``--digits``."""
+    return TASKS[args.task](args.terms, args.digits)
 MAX_NEW_TOKENS = 24  # a completion is `<answer>N</answer>` + EOS; the length penalty starts 16 tokens before
 
 
@@ -78,8 +90,9 @@ def model_config(hidden: int = 64, layers: int = 3) -> ModelConfig:
         num_nextn_predict_layers=0, rope_scaling=None, max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
 
 
-def task(terms: int = 3) -> Task:
-    return get_task(TASK, **task_config(terms))
+def task(args: argparse.Namespace) -> Task:
+    name, config = task_spec(args)
+    return get_task(name, **config)
 
 
 def chat(tok: Tokenizer, item: Item) -> tuple[list[int], list[int]]:
@@ -99,7 +112,7 @@ def stage_data(args: argparse.Namespace, log) -> None:
     out: Path = args.out
     if (out / "tok" / "tokenizer.json").exists():
         return
-    items = task(args.terms).items("train", args.sft_examples, seed=args.seed + 1000)
+    items = task(args).items("train", args.sft_examples, seed=args.seed + 1000)
     (out / "sft_items.jsonl").write_text("".join(json.dumps({"question": it.question, "answer": it.answer}) + "\n"
                                                  for it in items))
     # the tokenizer sees training-split text only: the SFT chats, rendered as text
@@ -108,24 +121,38 @@ def stage_data(args: argparse.Namespace, log) -> None:
     for it in items:
         lines.append(render_chat_text(messages(it), family="deepseek-v3.2"))
     corpus.write_text("\n".join(lines) + "\n")
-    tok = train_bpe([corpus], vocab_size=512, out=out / "tok")
+    tok = train_bpe([corpus], vocab_size=512, out=out / "tok", digit_group=args.digit_group)
     log(f"data: {len(items)} SFT items, tokenizer {tok.vocab_size} ids; e.g. {len(chat(tok, items[0])[0])} tokens "
         "per SFT chat")
 
 
+def distinct(items: list[Item], n: int, what: str) -> list[Item]:
+    """The first ``n`` items of distinct questions: a generator that repeats easy questions (``addition`` draws
+    the digit count first, so "3 + 5" recurs) would otherwise weigh them many times over."""
+    seen: set[str] = set()
+    out = [it for it in items if not (it.question in seen or seen.add(it.question))]
+    if len(out) < n:
+        raise SystemExit(f"rl-gain: only {len(out)} distinct {what} questions (need --eval-items {n}); "
+                         "the task has too few: raise --digits or --terms")
+    return out[:n]
+
+
 def validation_items(args: argparse.Namespace) -> list[Item]:
-    """Training-split items whose questions SFT never saw labelled: SFT's early stopping and the curves use
+    """Distinct training-split questions that SFT never saw labelled: SFT's early stopping and the curves use
     these, so the held-out (test) questions never pick a checkpoint."""
-    t = task(args.terms)
+    t = task(args)
     seen = {it.question for it in t.items("train", args.sft_examples, seed=args.seed + 1000)}
     pool = [it for it in t.items("train", 20 * args.eval_items, seed=args.seed + 2000) if it.question not in seen]
-    if len(pool) < args.eval_items:
-        raise SystemExit(f"rl-gain: only {len(pool)} validation items outside the SFT set; lower --sft-examples")
-    return pool[: args.eval_items]
+    return distinct(pool, args.eval_items, "validation")
+
+
+def test_items(args: argparse.Namespace) -> list[Item]:
+    """``--eval-items`` distinct held-out questions (seed 0), which no stage ever sees."""
+    return distinct(task(args).items("heldout", 20 * args.eval_items, seed=0), args.eval_items, "held-out")
 
 
 def greedy_eval(model: torch.nn.Module, tok: Tokenizer, items: list[Item], args: argparse.Namespace) -> dict[str, Any]:
-    return evaluate(model, ChatCodec.for_tokenizer(tok), task(args.terms), items, max_new_tokens=MAX_NEW_TOKENS,
+    return evaluate(model, ChatCodec.for_tokenizer(tok), task(args), items, max_new_tokens=MAX_NEW_TOKENS,
                     threads=args.threads, slots=len(items))  # all at once: evaluate submits before it waits
 
 
@@ -134,7 +161,7 @@ def stage_sft(args: argparse.Namespace, log) -> None:
     if (out / "sft" / "config.json").exists():
         return
     tok = load_tokenizer(out / "tok")
-    t = task(args.terms)
+    t = task(args)
     items = t.items("train", args.sft_examples, seed=args.seed + 1000)
     valid = validation_items(args)
     rows = [chat(tok, it) for it in items]
@@ -195,8 +222,9 @@ def stage_sft(args: argparse.Namespace, log) -> None:
 
 def rl_argv(args: argparse.Namespace) -> list[str]:
     out: Path = args.out
-    cfg = [f"{TASK}.{k}={v}" for k, v in task_config(args.terms).items()]
-    return ["--model", str(out / "sft"), "--tokenizer", str(out / "sft"), "--task", TASK, "--task-config", *cfg,
+    name, config = task_spec(args)
+    cfg = [f"{name}.{k}={json.dumps(v)}" for k, v in config.items()]
+    return ["--model", str(out / "sft"), "--tokenizer", str(out / "sft"), "--task", name, "--task-config", *cfg,
             "--pool-size", str(args.rl_pool), "--group-size", str(args.group_size),
             "--prompts-per-step", str(args.prompts_per_step), "--minibatches", str(args.minibatches),
             "--max-new-tokens", str(MAX_NEW_TOKENS), "--temperature", "1.0", "--lr", str(args.rl_lr),
@@ -224,8 +252,8 @@ def stage_rl(args: argparse.Namespace, log) -> None:
 def stage_report(args: argparse.Namespace, log) -> None:
     out: Path = args.out
     tok = load_tokenizer(out / "tok")
-    t = task(args.terms)
-    test = t.items("heldout", args.eval_items, seed=0)
+    t = task(args)
+    test = test_items(args)
     valid = validation_items(args)
     rows = {}
     torch.manual_seed(args.seed)
@@ -302,7 +330,7 @@ def stage_ablation(args: argparse.Namespace, log) -> None:
             rl_cli.cli_main(argv)
     tok = load_tokenizer(out / "tok")
     valid = validation_items(args)
-    test = task(args.terms).items("heldout", args.eval_items, seed=0)
+    test = test_items(args)
     runs = {arm: [json.loads(x) for x in (out / "abl" / arm / "metrics.jsonl").read_text().splitlines() if x.strip()]
             for arm in ABLATION_ARMS}
     keys = ("reward_mean", "accuracy", "kl", "mismatch_kl", "masked_frac", "clip_frac", "route_flip_rate")
@@ -353,7 +381,7 @@ def rl_validation_curve(args: argparse.Namespace, tok: Tokenizer) -> list[dict[s
     """Greedy accuracy of every RL checkpoint (``--keep 0`` keeps them all) on the validation items (questions
     RL samples from, without labels) and on the held-out test items (questions no stage sees)."""
     valid = validation_items(args)
-    test = task(args.terms).items("heldout", args.eval_items, seed=0)
+    test = test_items(args)
     model = load_model(args.out / "sft")
 
     def point(step: int) -> dict[str, Any]:
@@ -405,7 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all = data, sft, rl, report; ablation (after sft) runs the four-measure ablation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (on a loaded machine 1 beats 2)")
-    p.add_argument("--terms", type=int, default=2, help="one-digit terms per chain_sum question")
+    p.add_argument("--task", choices=sorted(TASKS), default="chain_sum")
+    p.add_argument("--terms", type=int, default=2, help="terms per question")
+    p.add_argument("--digits", type=int, default=1, help="each term has 1..DIGITS digits")
+    p.add_argument("--digit-group", type=int, default=3,
+                   help="the tokenizer cuts numbers into groups of at most this many digits (1: one per digit)")
     p.add_argument("--hidden", type=int, default=128, help="model width (the tiny preset: 64)")
     p.add_argument("--layers", type=int, default=4, help="model depth (the tiny preset: 3)")
     p.add_argument("--eval-items", type=int, default=200, help="validation and test items each")
