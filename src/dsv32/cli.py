@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("dsv32.serve.cli:cli_main", "OpenAI-compatible HTTP server"),
     "synth": ("dsv32.agents.synth:cli_main", "synthesize agent environments (tools, tasks, verifiers)"),
     "agent": ("dsv32.agents.cli:cli_main", "run a model on an environment task with tools; print the transcript"),
+    "agent-sft": ("dsv32.agents.sft:cli_main", "SFT a model on reference-solution agent trajectories"),
 }
 
 

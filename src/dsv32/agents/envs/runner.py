@@ -9,13 +9,18 @@ process serves all the tasks of an environment (one interpreter start, one `impo
         {"op": "verify", "id": "t0", "verifier": "...", "answer": ...},    -> {"id", "ok", "reason"}
         {"op": "random", "id": "t0", "prompt": "...", "answer_schema": {...}, "verifier": "...",
          "seed": 0, "calls": 6},                                          -> {"id", "ok", "answer", "calls"}
-        {"op": "validate", "id": "t0", ...all of the above..., "reference": ..., "random": 3}]}
+        {"op": "validate", "id": "t0", ...all of the above..., "reference": ..., "random": 3},
+        {"op": "trace", "id": "t0", "solution": "..."}]}                    -> {"id", "answer", "error", "calls"}
 
 A solution is Python that sees the environment's tools as globals and leaves its result in `answer`; a
-verifier defines `verify(answer) -> bool | (bool, reason)` and may call tools and `checks` too. Each job has
+verifier defines `verify(answer) -> bool | (bool, reason)` and may call tools and `checks` too. A trace runs
+the solution like "solve" and also records every tool call it makes, in order, as the agent loop would have
+seen it (`traced_tools`): {"name", "arguments", "ok", "result"}, the result being the tool's return value as
+JSON text or, when the tool raised, the exception's last line. Each job has
 its own namespace and an alarm of `timeout` seconds; an exception is a failed job, never a dead runner.
 """
 
+import inspect
 import json
 import random
 import re
@@ -59,6 +64,35 @@ def solve(tools: dict, solution: str, task_id: str):
     if "answer" not in ns:
         raise ValueError("the solution did not set `answer`")
     return jsonable(ns["answer"])
+
+
+def traced_tools(tools: dict, calls: list) -> dict:
+    """The tools, each wrapped to append one record per call to `calls`. A call is recorded as the agent loop
+    makes it: the arguments by parameter name (positional ones bound to their names) after a trip through
+    JSON, the tool run on exactly those, the result as the JSON text the loop's tool cell prints
+    (`ensure_ascii=False, default=str`), an exception as the last line of its traceback. The solution gets
+    the return value (or the exception) as without tracing."""
+
+    def wrap(name, fn):
+        sig = inspect.signature(fn)
+
+        def traced(*args, **kwargs):
+            arguments = jsonable(dict(sig.bind(*args, **kwargs).arguments))
+            rec = {"name": name, "arguments": arguments}
+            calls.append(rec)
+            try:
+                value = fn(**arguments)
+            except Exception as e:
+                lines = [s for s in "".join(traceback.format_exception_only(type(e), e)).splitlines() if s.strip()]
+                rec["ok"], rec["result"] = False, lines[-1] if lines else type(e).__name__
+                raise
+            rec["ok"], rec["result"] = True, json.dumps(value, ensure_ascii=False, default=str)
+            return value
+
+        traced.__name__ = name
+        return traced
+
+    return {name: wrap(name, fn) for name, fn in tools.items()}
 
 
 def verify(tools: dict, verifier: str, answer, task_id: str) -> tuple[bool, str]:
@@ -151,6 +185,12 @@ def run_job(job: dict, tools: dict, schemas: list[dict]) -> dict:
             out["answer"], out["error"] = None, traceback.format_exc(limit=3)[-2000:]
     if op == "verify":
         out["ok"], out["reason"] = verify(tools, job["verifier"], job["answer"], tid)
+    if op == "trace":
+        out["calls"] = []
+        try:
+            out["answer"], out["error"] = solve(traced_tools(tools, out["calls"]), job["solution"], tid), None
+        except Exception:  # noqa: BLE001 - reported, not raised
+            out["answer"], out["error"] = None, traceback.format_exc(limit=3)[-2000:]
     if op == "validate":
         out["solution_ok"], out["solution_reason"] = (verify(tools, job["verifier"], out["answer"], tid)
                                                       if out["error"] is None else (False, "solution failed"))
