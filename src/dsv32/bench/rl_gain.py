@@ -4,17 +4,18 @@ A small DSA + MoE ``Transformer`` (``model_config``) learns the answer format by
 it with GRPO on a verifiable arithmetic task; greedy accuracy on held-out items is measured before SFT (random
 weights), at the SFT plateau and after RL.
 
-The task is reasoning-gym's ``chain_sum`` at ``task_config`` (``--terms`` one-digit terms, 2 by default, joined
-by ``+``/``-``,
-e.g. ``4 + 1 - 7 =``), through ``dsv32.rl.tasks`` (held-out questions hash-disjoint from training ones).
+The task (``--task``, through ``dsv32.rl.tasks``, held-out questions hash-disjoint from training ones):
+``addition`` (the default) is reasoning-gym's ``basic_arithmetic`` with ``+`` only, ``--terms`` terms of 1 to
+``--digits`` digits (``Calculate 47 + 8.``); ``chain_sum`` mixes ``+`` and ``-`` (``4 + 1 - 7 =``). With two
+terms of up to two digits there are about 10,000 questions, so 200 distinct held-out ones exist and no stage
+can learn the answers as a table; ``--digit-group 1`` gives every digit its own token id.
 
 Where RL gets room: labels are scarce, checking is cheap. SFT sees a small fixed set of ``--sft-examples``
 labelled training items (question -> ``<answer>N</answer>``) and runs until the validation accuracy stops
-rising (it memorises the set; accuracy on unseen questions plateaus). RL then sees only questions (a pool of
-``--rl-pool`` training items, no labels) and the verifier's reward. Validation items are training-split
-questions that SFT never saw labelled (they pick the SFT checkpoint and draw the curves); the table is
-measured on the held-out split (seed 0, the items ``dsv32 eval tasks --seed 0`` scores), whose questions no
-stage ever sees.
+rising. RL then sees only questions (a pool of ``--rl-pool`` training items, no labels) and the verifier's
+reward. Validation items are distinct training-split questions that SFT never saw labelled (they pick the SFT
+checkpoint and draw the curves); the table is measured on distinct held-out questions (seed 0), which no stage
+ever sees.
 
 Stages (``--stage``; ``all`` runs them in order, each skipped when its output exists):
 
@@ -433,27 +434,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all = data, sft, rl, report; ablation (after sft) runs the four-measure ablation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (on a loaded machine 1 beats 2)")
-    p.add_argument("--task", choices=sorted(TASKS), default="chain_sum")
+    p.add_argument("--task", choices=sorted(TASKS), default="addition")
     p.add_argument("--terms", type=int, default=2, help="terms per question")
-    p.add_argument("--digits", type=int, default=1, help="each term has 1..DIGITS digits")
-    p.add_argument("--digit-group", type=int, default=3,
+    p.add_argument("--digits", type=int, default=2, help="each term has 1..DIGITS digits")
+    p.add_argument("--digit-group", type=int, default=1,
                    help="the tokenizer cuts numbers into groups of at most this many digits (1: one per digit)")
     p.add_argument("--hidden", type=int, default=128, help="model width (the tiny preset: 64)")
     p.add_argument("--layers", type=int, default=4, help="model depth (the tiny preset: 3)")
     p.add_argument("--eval-items", type=int, default=200, help="validation and test items each")
-    p.add_argument("--sft-examples", type=int, default=128, help="labelled training items SFT sees")
+    p.add_argument("--sft-examples", type=int, default=1024, help="labelled training items SFT sees")
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-lr", type=float, default=1e-3)
-    p.add_argument("--sft-max-steps", type=int, default=800)
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--patience", type=int, default=10, help="evaluations without a new best before SFT stops")
-    p.add_argument("--rl-pool", type=int, default=2048, help="training questions (no labels) RL draws from")
-    p.add_argument("--rl-steps", type=int, default=500)
+    p.add_argument("--sft-max-steps", type=int, default=15000)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--patience", type=int, default=15, help="evaluations without a new best before SFT stops")
+    p.add_argument("--rl-pool", type=int, default=4096, help="training questions (no labels) RL draws from")
+    p.add_argument("--rl-steps", type=int, default=1200)
     p.add_argument("--rl-lr", type=float, default=1e-4, help="1e-3 (the SFT rate) collapses RL here (docs/rl.md)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--minibatches", type=int, default=2)
-    p.add_argument("--save-every", type=int, default=20)
+    p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--abl-steps", type=int, default=150, help="RL steps per ablation arm")
     p.add_argument("--report-samples", type=int, default=4, help="sampled completions per test item for pass@k")
     return p
