@@ -12,7 +12,8 @@ from dsv32.rl.tasks import split_of
 def test_rl_gain_stages_end_to_end(tmp_path):
     out = tmp_path / "run"
     argv = ["--out", str(out), "--terms", "2", "--hidden", "32", "--layers", "2", "--sft-examples", "16",
-            "--eval-items", "8", "--sft-max-steps", "4", "--eval-every", "2", "--patience", "5", "--rl-pool", "16",
+            "--eval-items", "8", "--test-items", "6", "--sft-max-steps", "4", "--eval-every", "2", "--patience", "5",
+            "--rl-pool", "16",
             "--rl-steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--save-every", "1",
             "--report-samples", "2"]
     assert rl_gain.main(argv) == 0
@@ -22,6 +23,9 @@ def test_rl_gain_stages_end_to_end(tmp_path):
     valid = rl_gain.validation_items(args)
     assert len(valid) == 8 and not {it.question for it in valid} & sft_questions  # never labelled in SFT
     assert all(split_of(q) == "train" for q in sft_questions)
+    test = rl_gain.test_items(args)
+    more = rl_gain.test_items(rl_gain.build_parser().parse_args(argv + ["--test-items", "12"]))
+    assert len(test) == 6 and more[:6] == test and all(split_of(it.question) == "heldout" for it in more)
 
     curve = [json.loads(x) for x in (out / "sft_curve.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curve] == [0, 2, 4]
@@ -35,7 +39,7 @@ def test_rl_gain_stages_end_to_end(tmp_path):
         assert 0.0 <= r["greedy_accuracy"] <= 1.0 and "pass@2" in r
     assert res["rl_steps"] == 2 and set(res["rl_step_split_median"]) >= {"t_rollout", "t_reference", "t_train"}
     table = (out / "table.md").read_text()
-    assert "| RL |" in table and "8 items" in table and "validation (8 items" in table
+    assert "| RL |" in table and "(6 items, 6 distinct" in table and "validation (8 items" in table
     rl_curve = [json.loads(x) for x in (out / "rl_curve.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rl_curve] == [0, 1, 2] and all("test_accuracy" in r for r in rl_curve)
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
